@@ -1,0 +1,3 @@
+from tamp_modifier.modifiers.diversity_aware_sparsity import DiversityAwareSparsity
+
+__all__ = ["DiversityAwareSparsity"]

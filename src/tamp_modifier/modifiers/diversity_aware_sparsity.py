@@ -1,0 +1,437 @@
+"""DiversityAwareSparsity: per-layer sparsity from output-token diversity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers import Modifier
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from tamp_modifier.allocation import (
+    ALLOCATIONS,
+    GRANULARITIES,
+    allocate_by_granularity,
+    check_sparsity_bounds,
+    snap_to_rows,
+)
+from tamp_modifier.diversity import DiversityAccumulator
+from tamp_modifier.modality import PADDING, label_tokens, resolve_modality_token_ids
+from tamp_modifier.modifiers.pruner_bridge import (
+    check_pruner,
+    following_pruner,
+    hand_over,
+    modules_pruned_by,
+)
+from tamp_modifier.report import attach_report, format_table, load_report
+
+__all__ = ["DiversityAwareSparsity"]
+
+DIVERSITY_MODES = ("modality", "all_tokens")
+
+
+class DiversityAwareSparsity(Modifier):
+    """Diversity-Aware Sparsity (DAS), the layer-wise half of TAMP.
+
+    Runs a calibration pass on the dense model, scores every target Linear by how
+    diverse its output tokens are (within each modality and across modalities),
+    and turns the scores into per-layer sparsity ratios that meet a global,
+    parameter-weighted target. The pruning modifier placed after it in the same
+    recipe (``WandaPruningModifier``, ``SparseGPTModifier`` or
+    ``AdaptiveInputActivation``) then prunes each layer at its ratio. Alone, it is
+    a profiling run: nothing is pruned and the scores are reported.
+
+    Scores, terms and ratios are written to ``tamp_report.json`` next to the saved
+    model; ``tamp_modifier.reallocate`` or the ``profile`` field reuse them for
+    another target without calibrating again.
+
+    Sample yaml (``import tamp_modifier`` first, or use ``tamp-prune``)::
+
+        sparsity_stage:
+          sparsity_modifiers:
+            DiversityAwareSparsity:
+              allocation: ecoflap
+              max_delta: 0.1
+            WandaPruningModifier:
+              sparsity: 0.5
+              targets: ["Linear"]
+              ignore: ["re:.*vision_tower.*", "re:.*multi_modal_projector.*",
+                       "re:.*visual.*", "re:.*lm_head"]
+
+    :param sparsity: global target; None takes the following pruner's
+    :param allocation: ``ecoflap`` (default) or ``proportional``
+    :param max_delta: a layer's sparsity stays within ``sparsity + max_delta``
+        (and, for ``proportional``, above ``sparsity - max_delta``)
+    :param diversity: ``modality`` (intra- and inter-modality terms, default) or
+        ``all_tokens`` (one term over all tokens)
+    :param granularity: ``layer`` (default) or ``block`` (one ratio per decoder block)
+    :param modality_token_ids: ``{image: [ids], video: [...], ...}``; default: the
+        placeholder ids in the model config
+    :param targets: modules to score; None takes the modules the following pruner
+        prunes (``["Linear"]`` for a profiling run)
+    :param ignore: patterns to leave out; None: as ``targets``
+    :param profile: path of a saved ``tamp_report.json`` (or its model folder):
+        reuse its scores instead of calibrating
+    """
+
+    sparsity: float | None = None
+    allocation: str = "ecoflap"
+    max_delta: float = 0.1
+    diversity: str = "modality"
+    granularity: str = "layer"
+    modality_token_ids: dict[str, list[int]] | None = None
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    profile: str | None = None
+    requires_calibration_data: bool = Field(default=True)
+
+    _pruner: Modifier | None = PrivateAttr(default=None)
+    _pruner_sparsity: object = PrivateAttr(default=None)
+    _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _blocks: dict[str, str] = PrivateAttr(default_factory=dict)
+    _modalities: list[str] = PrivateAttr(default_factory=list)
+    _token_ids: dict[str, list[int]] = PrivateAttr(default_factory=dict)
+    _accumulators: dict[str, DiversityAccumulator] = PrivateAttr(default_factory=dict)
+    _labels: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _padding_applied: set = PrivateAttr(default_factory=set)
+    _checked_modalities: bool = PrivateAttr(default=False)
+    _tokens_seen: dict[str, int] | None = PrivateAttr(default=None)
+
+    @field_validator("allocation")
+    @classmethod
+    def _check_allocation(cls, value: str) -> str:
+        if value not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {value!r}")
+        return value
+
+    @field_validator("diversity")
+    @classmethod
+    def _check_diversity(cls, value: str) -> str:
+        if value not in DIVERSITY_MODES:
+            raise ValueError(f"diversity must be one of {DIVERSITY_MODES}, got {value!r}")
+        return value
+
+    @field_validator("granularity")
+    @classmethod
+    def _check_granularity(cls, value: str) -> str:
+        if value not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {value!r}")
+        return value
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _listify(cls, value):
+        # A bare string is the classic silent failure in llm-compressor pruners.
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "DiversityAwareSparsity":
+        if self.sparsity is not None:
+            check_sparsity_bounds(self.sparsity, self.max_delta)
+        if self.profile is not None:
+            self.requires_calibration_data = False
+        return self
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        self._pruner = following_pruner(active_session().lifecycle.recipe.modifiers, self)
+        if self._pruner is not None:
+            check_pruner(self._pruner)
+            self._adopt_pruner_sparsity()
+        elif self.sparsity is None:
+            raise ValueError(
+                "DiversityAwareSparsity has no pruning modifier after it and no "
+                "sparsity: give it `sparsity` for this profiling run, or add "
+                "WandaPruningModifier/SparseGPTModifier/AdaptiveInputActivation after it"
+            )
+        check_sparsity_bounds(self.sparsity, self.max_delta)
+
+        self._modules = self._resolve_modules(model)
+        self._blocks = self._resolve_blocks(model, kwargs.get("sequential_targets"))
+        self._token_ids = resolve_modality_token_ids(model.config, self.modality_token_ids)
+        if self.diversity == "all_tokens":
+            self._modalities = ["all"]
+        else:
+            self._modalities = ["text", *self._token_ids]
+        if self.profile is not None:
+            self._check_profile()
+        if self._pruner is None:
+            logger.info(
+                "DiversityAwareSparsity: no pruning modifier follows it, so this is a "
+                "profiling run: nothing is pruned; scores and the ratios for "
+                f"sparsity={self.sparsity} go to tamp_report.json when the model is saved"
+            )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        running = active_session().lifecycle.recipe.modifiers
+        if self._pruner is not None and self._pruner in running:
+            raise ValueError(
+                "DiversityAwareSparsity must finish its calibration before the pruner "
+                "starts, but both share one calibration pipeline. Use "
+                "pipeline='independent' (oneshot's default)."
+            )
+        if self.profile is not None:
+            return
+        embeddings = state.model.get_input_embeddings()
+        self.register_hook(embeddings, self._record_labels, "forward_pre")
+        for block in {self._blocks[n] for n in self._modules}:
+            module = state.model.get_submodule(block)
+            self.register_hook(module, self._record_padding, "forward_pre", with_kwargs=True)
+        for name, module in self._modules.items():
+            self._accumulators[name] = DiversityAccumulator(self._modalities)
+            hook = self._make_layer_hook(name)
+            self.register_hook(module, hook, "forward")
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        # After each subgraph: stop early on bad data instead of after the last layer.
+        if self._labels and not self._checked_modalities:
+            self._check_modalities_seen()
+        bad = [
+            n
+            for n, acc in self._accumulators.items()
+            if acc.sums is not None and not bool(torch.isfinite(acc.sums).all())
+        ]
+        if bad:
+            raise ValueError(
+                f"non-finite (NaN/inf) outputs in {bad[:3]}{' ...' if len(bad) > 3 else ''}"
+                " during DAS calibration: check the model's dtype (try float32 or "
+                "bfloat16 instead of float16) and the calibration inputs"
+            )
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self.remove_hooks()
+        if self.profile is None:
+            self.on_sequential_epoch_end(state, event)
+            self._check_modalities_seen()
+            layers = self._layer_scores()
+        else:
+            layers = self._profile_layers()
+        self._allocate(state.model, layers)
+        self._labels.clear()
+        self._accumulators.clear()
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        self.remove_hooks()
+        if self._pruner is not None and self._pruner_sparsity is not None:
+            # The saved recipe.yaml should read as written, one global sparsity,
+            # so that re-running it reproduces this run.
+            self._pruner.sparsity = self._pruner_sparsity
+        return True
+
+    # ------------------------------------------------------------------ set-up
+
+    def _adopt_pruner_sparsity(self) -> None:
+        pruner_sparsity = float(self._pruner.sparsity) if self._pruner.sparsity is not None else None
+        if self.sparsity is None:
+            if pruner_sparsity is None:
+                raise ValueError("neither DiversityAwareSparsity nor the pruner after it has a sparsity")
+            self.sparsity = pruner_sparsity
+        elif pruner_sparsity is not None and not math.isclose(self.sparsity, pruner_sparsity):
+            raise ValueError(
+                f"DiversityAwareSparsity has sparsity {self.sparsity} but "
+                f"{type(self._pruner).__name__} has {pruner_sparsity}: give one target "
+                "(leave DiversityAwareSparsity's sparsity out to use the pruner's)"
+            )
+        self._pruner_sparsity = self._pruner.sparsity
+
+    def _resolve_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        own = None
+        if self.targets is not None or self.ignore is not None:
+            targets = self.targets if self.targets is not None else ["Linear"]
+            own = {
+                n: m
+                for n, m in match_named_modules(model, targets, self.ignore or [])
+                if isinstance(m, torch.nn.Linear)
+            }
+            if not own:
+                raise ValueError(
+                    f"DiversityAwareSparsity targets {targets} with ignore {self.ignore} "
+                    "match no Linear module; check the patterns (`re:` patterns match "
+                    "from the start of the name: write `re:.*q_proj`)"
+                )
+        if self._pruner is None:
+            if own is None:
+                own = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            return own
+        pruned = modules_pruned_by(self._pruner, model)
+        if not pruned:
+            raise ValueError(
+                f"{type(self._pruner).__name__}'s targets/ignore match nothing to prune; "
+                'check its patterns (targets: ["Linear"] as a list)'
+            )
+        modules = {n: model.get_submodule(n) for n in pruned}
+        not_linear = [n for n, m in modules.items() if not isinstance(m, torch.nn.Linear)]
+        if not_linear:
+            raise ValueError(
+                f"DiversityAwareSparsity scores Linear layers only; the pruner also prunes "
+                f"{not_linear[:3]}: add them to its ignore list"
+            )
+        if own is not None and set(own) != set(modules):
+            extra, missing = sorted(set(own) - set(modules)), sorted(set(modules) - set(own))
+            raise ValueError(
+                "DiversityAwareSparsity and the pruner after it must cover the same "
+                f"layers. Only DAS: {extra[:3]}; only the pruner: {missing[:3]}. Leave "
+                "DAS's targets/ignore out to use the pruner's."
+            )
+        return modules
+
+    def _resolve_blocks(self, model: torch.nn.Module, sequential_targets) -> dict[str, str]:
+        """Each module's decoder block: the sequential target that contains it."""
+        block_names = [n for n, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+        blocks = {}
+        for name in self._modules:
+            owners = [b for b in block_names if name.startswith(b + ".")]
+            blocks[name] = max(owners, key=len) if owners else name.rpartition(".")[0]
+        return blocks
+
+    def _check_profile(self) -> None:
+        das = load_report(self.profile).get("das") or {}
+        missing = sorted(set(self._modules) - set(das.get("layers", {})))
+        if missing:
+            raise ValueError(
+                f"profile {self.profile} has no scores for {len(missing)} layers this run "
+                f"prunes (e.g. {missing[:3]}): it was made on another model or with other "
+                "targets; calibrate again without `profile`"
+            )
+
+    # ------------------------------------------------------------------ hooks
+
+    def _record_labels(self, _module, args):
+        input_ids = args[0] if args else None
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+            return
+        batch = active_session().state.current_batch_idx
+        ids = self._token_ids if self.diversity == "modality" else {}
+        self._labels[batch] = label_tokens(input_ids.detach(), ids).cpu()
+
+    def _record_padding(self, _module, args, kwargs):
+        batch = active_session().state.current_batch_idx
+        if batch in self._padding_applied or batch not in self._labels:
+            return
+        self._padding_applied.add(batch)
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            return
+        # A padded token may not even attend to itself; a real one always can.
+        diag = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+        real = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+        labels = self._labels[batch]
+        if real.shape == labels.shape:
+            labels[~real.cpu()] = PADDING
+
+    def _make_layer_hook(self, name: str):
+        def hook(_module, _args, output):
+            batch = active_session().state.current_batch_idx
+            labels = self._labels.get(batch)
+            if labels is None:
+                raise ValueError(
+                    "DiversityAwareSparsity did not see the input_ids of calibration "
+                    f"sample {batch}; calibrate with input_ids (not inputs_embeds)"
+                )
+            out = output.detach()
+            if out.shape[:-1] != labels.shape:
+                labels = labels.reshape(out.shape[:-1])
+            self._accumulators[name].update(out, labels)
+
+        return hook
+
+    # ------------------------------------------------------------------ results
+
+    def _check_modalities_seen(self) -> None:
+        self._checked_modalities = True
+        if self.diversity != "modality":
+            return
+        seen = torch.zeros(len(self._modalities), dtype=torch.long)
+        for labels in self._labels.values():
+            present = labels[labels >= 0].long()
+            seen += torch.bincount(present, minlength=len(self._modalities))[: len(self._modalities)]
+        self._tokens_seen = dict(zip(self._modalities, seen.tolist()))
+        absent = [m for m, c in self._tokens_seen.items() if c == 0 and m != "text"]
+        declared = set(self.modality_token_ids or {})
+        if absent and declared & set(absent):
+            names = sorted(declared & set(absent))
+            raise ValueError(
+                f"modality_token_ids declares {names}, but no token with those ids is in "
+                f"the calibration data ({self._tokens_seen}); fix the ids or remove them"
+            )
+        if len(absent) == len(self._modalities) - 1:
+            logger.warning(
+                "DiversityAwareSparsity: the calibration data has no non-text token "
+                f"(looked for {self._token_ids}); layers are scored on text diversity only"
+            )
+
+    def _layer_scores(self) -> dict[str, dict]:
+        layers = {}
+        undefined = []
+        for name, acc in self._accumulators.items():
+            score = acc.score()
+            if math.isnan(score):
+                undefined.append(name)
+                continue
+            terms = {a if a == b else f"{a}|{b}": v for (a, b), v in acc.terms().items()}
+            layers[name] = {"score": score, "terms": terms}
+        if undefined:
+            raise ValueError(
+                f"no diversity term is defined for {undefined[:3]}: every calibration "
+                "sample reached them with fewer than 2 tokens of any modality. Calibrate "
+                "on longer samples."
+            )
+        return layers
+
+    def _profile_layers(self) -> dict[str, dict]:
+        saved = load_report(self.profile)["das"]["layers"]
+        return {n: {"score": saved[n]["score"], "terms": saved[n]["terms"]} for n in self._modules}
+
+    def _allocate(self, model: torch.nn.Module, layers: dict[str, dict]) -> None:
+        sizes = {n: m.weight.numel() for n, m in self._modules.items()}
+        columns = {n: m.weight.shape[1] for n, m in self._modules.items()}
+        allocated = allocate_by_granularity(
+            scores={n: v["score"] for n, v in layers.items()},
+            sizes=sizes,
+            blocks=self._blocks,
+            sparsity=self.sparsity,
+            allocation=self.allocation,
+            max_delta=self.max_delta,
+            granularity=self.granularity,
+        )
+        assigned = snap_to_rows(allocated, columns)
+        if self._pruner is not None:
+            assigned = hand_over(self._pruner, model, allocated, assigned)
+        total = sum(sizes.values())
+        report = {
+            "method": "DiversityAwareSparsity",
+            "sparsity": self.sparsity,
+            "allocation": self.allocation,
+            "max_delta": self.max_delta,
+            "diversity": self.diversity,
+            "granularity": self.granularity,
+            "modality_token_ids": self._token_ids,
+            "tokens": self._tokens_seen,
+            "pruner": type(self._pruner).__name__ if self._pruner is not None else None,
+            "global": {
+                "allocated": sum(allocated[n] * sizes[n] for n in sizes) / total,
+                "assigned": sum(assigned[n] * sizes[n] for n in sizes) / total,
+            },
+            "layers": {
+                n: {
+                    "block": self._blocks[n],
+                    "num_weights": sizes[n],
+                    "columns": columns[n],
+                    **layers[n],
+                    "allocated": allocated[n],
+                    "assigned": assigned[n],
+                }
+                for n in self._modules
+            },
+        }
+        attach_report(model, "das", report)
+        logger.info("DiversityAwareSparsity per-layer ratios:\n" + format_table(report))

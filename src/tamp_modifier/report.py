@@ -1,0 +1,164 @@
+"""The per-layer report written next to a saved model (``tamp_report.json``).
+
+Modifiers put their sections (``"das"``, ``"amia"``) on the model; whenever the
+model is saved with ``save_pretrained`` the report is written beside the
+checkpoint, with each listed layer's realized sparsity counted in its weights.
+llm-compressor writes ``recipe.yaml`` the same way, by wrapping
+``save_pretrained``, so ``oneshot(output_dir=...)`` and a later
+``model.save_pretrained(dir)`` both get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tamp_modifier.allocation import allocate_by_granularity
+
+__all__ = [
+    "REPORT_FILE_NAME",
+    "attach_report",
+    "format_table",
+    "load_report",
+    "reallocate",
+    "realized_sparsity",
+    "write_report",
+]
+
+REPORT_FILE_NAME = "tamp_report.json"
+_ATTR = "_tamp_report"
+
+
+def realized_sparsity(module: torch.nn.Module) -> float:
+    """Fraction of exactly-zero entries in a module's weight."""
+    weight = module.weight
+    return float((weight == 0).sum().item() / weight.numel())
+
+
+def attach_report(model: torch.nn.Module, section: str, data: dict) -> None:
+    """Store a report section on the model and make ``save_pretrained`` write it."""
+    report = model.__dict__.setdefault(_ATTR, {})
+    report[section] = data
+    _wrap_save_pretrained(model)
+
+
+def _with_realized(model: torch.nn.Module, report: dict) -> dict:
+    out = json.loads(json.dumps(report))  # deep copy, and proof it serialises
+    for section in out.values():
+        for name, layer in section.get("layers", {}).items():
+            try:
+                layer["realized"] = realized_sparsity(model.get_submodule(name))
+            except AttributeError:
+                pass  # layer not in this model (a report loaded for another one)
+    return out
+
+
+def write_report(model: torch.nn.Module, directory: str | os.PathLike) -> Path | None:
+    """Write the model's report into ``directory`` atomically; None if it has none."""
+    report = model.__dict__.get(_ATTR)
+    if not report:
+        return None
+    path = Path(directory) / REPORT_FILE_NAME
+    text = json.dumps(_with_realized(model, report), indent=1, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tamp_report.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _wrap_save_pretrained(model: torch.nn.Module) -> None:
+    save = getattr(model, "save_pretrained", None)
+    if save is None or getattr(save, "_tamp_report", False):
+        return
+
+    @functools.wraps(save)
+    def save_pretrained_with_report(save_directory, *args, **kwargs):
+        result = save(save_directory, *args, **kwargs)
+        write_report(model, save_directory)
+        return result
+
+    # functools.wraps copied llm-compressor's `_overridden` flag, so it will
+    # not try to wrap this function again (it would need a bound method).
+    save_pretrained_with_report._tamp_report = True
+    model.save_pretrained = save_pretrained_with_report
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Read ``tamp_report.json`` from a file or a saved model folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no TAMP report at {path}: run DiversityAwareSparsity and save the model "
+            f"(it writes {REPORT_FILE_NAME} next to the checkpoint)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def reallocate(
+    report: dict | str | os.PathLike,
+    sparsity: float,
+    allocation: str | None = None,
+    max_delta: float | None = None,
+    granularity: str | None = None,
+) -> dict[str, float]:
+    """Per-layer sparsity for a new target from saved DAS scores, no calibration.
+
+    Arguments left as None take the values the report was made with.
+
+    Example::
+
+        >>> ratios = reallocate("pruned-model/", sparsity=0.6)
+    """
+    if not isinstance(report, dict):
+        report = load_report(report)
+    das = report.get("das")
+    if not das or not das.get("layers"):
+        raise ValueError("the report has no DAS section with layer scores to reallocate")
+    allocation = allocation or das["allocation"]
+    max_delta = das["max_delta"] if max_delta is None else max_delta
+    granularity = granularity or das["granularity"]
+    layers = das["layers"]
+    return allocate_by_granularity(
+        scores={n: v["score"] for n, v in layers.items()},
+        sizes={n: v["num_weights"] for n, v in layers.items()},
+        blocks={n: v["block"] for n, v in layers.items()},
+        sparsity=sparsity,
+        allocation=allocation,
+        max_delta=max_delta,
+        granularity=granularity,
+    )
+
+
+def format_table(section: dict) -> str:
+    """A plain-text per-layer table of a report section (scores and ratios)."""
+    layers = section.get("layers", {})
+    if not layers:
+        return "(no layers)"
+    term_names = sorted({t for v in layers.values() for t in v.get("terms", {})})
+    width = max(len(n) for n in layers)
+    head = f"{'layer':<{width}}  {'score':>6}  " + "  ".join(f"{t:>10}" for t in term_names)
+    head += f"  {'sparsity':>8}"
+    if any("realized" in v for v in layers.values()):
+        head += f"  {'realized':>8}"
+    lines = [head, "-" * len(head)]
+    for name, v in layers.items():
+        terms = "  ".join(
+            f"{v['terms'][t]:>10.4f}" if t in v.get("terms", {}) else f"{'-':>10}" for t in term_names
+        )
+        line = f"{name:<{width}}  {v['score']:>6.4f}  {terms}  {v['assigned']:>8.4f}"
+        if "realized" in v:
+            line += f"  {v['realized']:>8.4f}"
+        lines.append(line)
+    glob = section.get("global", {})
+    if glob:
+        lines.append(f"global (parameter-weighted) sparsity: {glob.get('assigned', float('nan')):.4f}")
+    return "\n".join(lines)
