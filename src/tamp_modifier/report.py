@@ -143,7 +143,7 @@ def format_table(section: dict) -> str:
     layers = section.get("layers", {})
     if not layers:
         return "(no layers)"
-    term_names = sorted({t for v in layers.values() for t in v.get("terms", {})})
+    term_names = list(dict.fromkeys(t for v in layers.values() for t in v.get("terms", {})))
     width = max(len(n) for n in layers)
     head = f"{'layer':<{width}}  {'score':>6}  " + "  ".join(f"{t:>10}" for t in term_names)
     head += f"  {'sparsity':>8}"

@@ -27,7 +27,7 @@ from tamp_modifier.modifiers.pruner_bridge import (
     hand_over,
     modules_pruned_by,
 )
-from tamp_modifier.report import attach_report, format_table, load_report
+from tamp_modifier.report import REPORT_FILE_NAME, attach_report, format_table, load_report
 
 __all__ = ["DiversityAwareSparsity"]
 
@@ -286,7 +286,8 @@ class DiversityAwareSparsity(Modifier):
 
     def _resolve_blocks(self, model: torch.nn.Module, sequential_targets) -> dict[str, str]:
         """Each module's decoder block: the sequential target that contains it."""
-        block_names = [n for n, _ in match_named_modules(model, infer_sequential_targets(model, sequential_targets))]
+        targets = infer_sequential_targets(model, sequential_targets)
+        block_names = [n for n, _ in match_named_modules(model, targets)]
         blocks = {}
         for name in self._modules:
             owners = [b for b in block_names if name.startswith(b + ".")]
@@ -434,4 +435,10 @@ class DiversityAwareSparsity(Modifier):
             },
         }
         attach_report(model, "das", report)
-        logger.info("DiversityAwareSparsity per-layer ratios:\n" + format_table(report))
+        low, high = min(assigned, key=assigned.get), max(assigned, key=assigned.get)
+        logger.info(
+            f"DiversityAwareSparsity: {len(assigned)} layers, global sparsity "
+            f"{report['global']['assigned']:.4f}, from {assigned[low]:.4f} ({low}) to "
+            f"{assigned[high]:.4f} ({high}); per-layer table in {REPORT_FILE_NAME} on save"
+        )
+        logger.debug("DiversityAwareSparsity per-layer ratios:\n" + format_table(report))

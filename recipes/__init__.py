@@ -1,0 +1,1 @@
+"""Ready recipes, shipped as package data (tamp_modifier.recipes)."""

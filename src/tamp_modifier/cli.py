@@ -1,0 +1,177 @@
+"""``tamp-prune``: run a recipe on a model folder with a calibration set.
+
+    tamp-prune MODEL_DIR --dataset CALIB_DIR --recipe das_wanda --output OUT_DIR
+    tamp-prune            # the demo: a small vision-language model, nothing to download
+
+The result is written to a temporary folder beside OUT_DIR and moved into place
+only when the whole run succeeded, so a failed run never leaves a half-written
+checkpoint where a good one is expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+DEMO_OUTPUT = "tamp-demo-out"
+DEMO_SAMPLES = 32
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tamp-prune",
+        description="Prune a multimodal model with an llm-compressor recipe that may use "
+        "TAMP's modifiers. With no MODEL, runs the demo on a small vision-language model "
+        "built locally.",
+    )
+    p.add_argument("model", nargs="?", help="folder of a transformers model (omit for the demo)")
+    p.add_argument(
+        "--recipe",
+        default="das_wanda",
+        help="recipe YAML file, or the name of a shipped recipe: "
+        + ", ".join(sorted(_shipped_recipes())),
+    )
+    p.add_argument("--dataset", help="calibration set: a folder saved by datasets' save_to_disk "
+                   "whose rows are processor outputs (input_ids [1, L], pixel_values, ...)")
+    p.add_argument("--output", help=f"where to write the pruned model (demo: ./{DEMO_OUTPUT})")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--max-seq-length", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sequential-targets", nargs="+",
+                   help="decoder layer class(es); default: the language model's decoder layer")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def _shipped_recipes() -> dict[str, Path]:
+    return {p.name[: -len(".yaml")]: Path(str(p)) for p in files("tamp_modifier.recipes").iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def resolve_recipe(recipe: str) -> Path:
+    """A recipe file path, or a shipped recipe's name; checked for a readable shape."""
+    path = Path(recipe)
+    if not path.is_file():
+        shipped = _shipped_recipes()
+        if recipe not in shipped:
+            raise SystemExit(
+                f"tamp-prune: recipe {recipe!r} is neither a file nor a shipped recipe "
+                f"({', '.join(sorted(shipped))})"
+            )
+        path = shipped[recipe]
+    content = yaml.safe_load(path.read_text())
+    # llm-compressor silently ignores any other shape and then does nothing.
+    stages = {k: v for k, v in (content or {}).items() if k.endswith("_stage") and isinstance(v, dict)}
+    if not any(k.endswith("_modifiers") for v in stages.values() for k in v):
+        raise SystemExit(
+            f"tamp-prune: {path} has no `<name>_stage:` with `<name>_modifiers:` inside; "
+            "llm-compressor would read nothing from it. See recipes/das_wanda.yaml."
+        )
+    return path
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise SystemExit(f"tamp-prune: {output} exists and is not empty; pass --overwrite to replace it")
+
+
+def _load_model(folder: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if not (Path(folder) / "config.json").is_file():
+        raise SystemExit(f"tamp-prune: {folder} is not a model folder (no config.json)")
+    try:
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
+    except ValueError:  # not a vision-language class: a text-only model
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+
+
+def _load_processor(folder: str):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, ImportError):
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _make_demo(workdir: Path) -> tuple[str, str]:
+    """A small LLaVA model built from a config and a calibration set for it."""
+    from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
+
+    model = build_tiny_model(
+        "llava", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+        vocab_size=512, seed=0,
+    )
+    save_tiny_model(model, workdir / "model", weights=True)
+    make_calibration_dataset(model, DEMO_SAMPLES, text_tokens=32, seed=0).save_to_disk(workdir / "calib")
+    return str(workdir / "model"), str(workdir / "calib")
+
+
+def run(args: argparse.Namespace) -> Path:
+    import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
+    from llmcompressor import oneshot
+
+    from tamp_modifier.data import collate_rows, load_calibration_dataset
+    from tamp_modifier.models import text_decoder_layer_class
+    from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report
+
+    demo = args.model is None
+    output = Path(args.output or (DEMO_OUTPUT if demo else "")).resolve()
+    if not demo and (not args.output or not args.dataset):
+        raise SystemExit("tamp-prune: with a MODEL, give --dataset and --output too")
+    recipe = resolve_recipe(args.recipe)
+    _check_output(output, args.overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix=".tamp-", dir=output.parent) as scratch:
+        scratch = Path(scratch)
+        model_dir, dataset_dir = (_make_demo(scratch) if demo else (args.model, args.dataset))
+        dataset = load_calibration_dataset(dataset_dir)
+        model = _load_model(model_dir)
+        processor = _load_processor(model_dir)
+        targets = args.sequential_targets or [text_decoder_layer_class(model)]
+        samples = min(args.num_samples, len(dataset))
+        print(f"tamp-prune: {model_dir} ({type(model).__name__}), recipe {recipe}, "
+              f"{samples} calibration samples", flush=True)
+
+        staging = scratch / "result"
+        start = time.perf_counter()
+        oneshot(
+            model=model, processor=processor, dataset=dataset, recipe=str(recipe),
+            num_calibration_samples=samples, max_seq_length=args.max_seq_length,
+            batch_size=args.batch_size, data_collator=collate_rows,
+            sequential_targets=targets, output_dir=str(staging),
+        )
+        seconds = time.perf_counter() - start
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+
+    print()
+    report_path = output / REPORT_FILE_NAME
+    if report_path.is_file():
+        for section in load_report(report_path).values():
+            print(f"{section.get('method', '')} per-layer sparsity:")
+            print(format_table(section))
+            print()
+    print(f"tamp-prune: done in {seconds:.1f} s; pruned model, recipe.yaml and report in {output}")
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,512 @@
+"""Tiny, randomly initialised vision-language models and calibration data.
+
+Everything here is built from configs, so it works with no network access and
+no model hub.  The models are real ``transformers`` classes (LLaVA, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL) so that llm-compressor's ``oneshot`` traces and
+calibrates them exactly as it would the full-size checkpoints.
+
+Typical offline use with llm-compressor::
+
+    model = build_tiny_model("qwen2_vl")
+    tokenizer = save_tiny_model(model, tmp_dir)  # config on disk: no hub lookup
+    ds = make_calibration_dataset(model, 4)
+    oneshot(model=model, processor=tokenizer, dataset=ds,
+            data_collator=data_collator,
+            recipe=WandaPruningModifier(sparsity=0.5, targets=["Linear"],
+                                        ignore=TOWER_IGNORE),
+            num_calibration_samples=4, shuffle_calibration_samples=False,
+            sequential_targets=[decoder_layer_class(model)],
+            max_seq_length=4096)
+
+``processor=`` is mandatory: with ``processor=None`` oneshot tries
+``AutoProcessor.from_pretrained(name_or_path)``, which needs an image
+processor that these tiny models do not have.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from tamp_modifier.data import collate_rows
+from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
+
+__all__ = [
+    "FAMILIES",
+    "TOWER_IGNORE",
+    "PAD_TOKEN_ID",
+    "build_tiny_model",
+    "build_random_vlm",
+    "build_tiny_tokenizer",
+    "save_tiny_model",
+    "make_calibration_dataset",
+    "data_collator",
+    "decoder_layer_class",
+    "family_of",
+    "image_token_id",
+    "language_model_num_params",
+]
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+
+PAD_TOKEN_ID = 0
+BOS_TOKEN_ID = 1
+EOS_TOKEN_ID = 2
+# Text ids are drawn from [_FIRST_TEXT_ID, first special id) so they never
+# collide with padding, bos/eos or any placeholder.
+_FIRST_TEXT_ID = 3
+# Number of ids reserved at the top of the vocabulary for placeholders.
+_NUM_RESERVED_TOP = 4
+
+# Qwen images: one frame of 16x16 patches -> 8x8 merged = 64 image tokens.
+_QWEN_GRID_HW = 16
+
+_ARCH_TO_FAMILY = {
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+}
+
+
+def family_of(model: PreTrainedModel) -> str:
+    """Return the family name (one of ``FAMILIES``) of a supported model."""
+    name = type(model).__name__
+    if name not in _ARCH_TO_FAMILY:
+        raise ValueError(f"unsupported model class {name}; expected one of {list(_ARCH_TO_FAMILY)}")
+    return _ARCH_TO_FAMILY[name]
+
+
+def image_token_id(model: PreTrainedModel) -> int:
+    """Return the id of the image placeholder token of ``model``."""
+    return int(model.config.image_token_id)
+
+
+def _special_ids(vocab_size: int) -> dict[str, int]:
+    return {
+        "image": vocab_size - 1,
+        "video": vocab_size - 2,
+        "vision_start": vocab_size - 3,
+        "vision_end": vocab_size - 4,
+    }
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    # Same t/h/w split ratio as the real checkpoints ([16, 24, 24] for 128).
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _text_kwargs(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, vocab_size):
+    if not 0 < num_kv_heads < num_heads or num_heads % num_kv_heads:
+        raise ValueError("need grouped-query attention: 0 < num_kv_heads < num_heads, dividing it")
+    if hidden_size % num_heads:
+        raise ValueError("hidden_size must be divisible by num_heads")
+    return dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+
+
+def _clip_config(vision_hidden_size, vision_layers, image_size, patch_size):
+    return CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden_size // 16),
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden_size,
+    )
+
+
+def _build_config(
+    family,
+    *,
+    hidden_size,
+    intermediate_size,
+    num_layers,
+    num_heads,
+    num_kv_heads,
+    vocab_size,
+    vision_hidden_size,
+    vision_layers,
+    image_size=None,
+    patch_size=4,
+):
+    text = _text_kwargs(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, vocab_size)
+    ids = _special_ids(vocab_size)
+    if family == "llava":
+        return LlavaConfig(
+            text_config=LlamaConfig(**text),
+            vision_config=_clip_config(vision_hidden_size, vision_layers, image_size or 32, patch_size),
+            image_token_index=ids["image"],
+            # -1: use the last tower layer (with one layer, -2 would skip it).
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            image_seq_length=((image_size or 32) // patch_size) ** 2,
+            tie_word_embeddings=False,
+        )
+    if family == "llava_next":
+        s = image_size or 24
+        return LlavaNextConfig(
+            text_config=LlamaConfig(**text),
+            vision_config=_clip_config(vision_hidden_size, vision_layers, s, patch_size),
+            image_token_index=ids["image"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+            image_seq_length=(s // patch_size) ** 2,
+            tie_word_embeddings=False,
+        )
+    head_dim = hidden_size // num_heads
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    common = dict(
+        text_config=dict(text, rope_parameters=rope),
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2_vl":
+        vision = dict(
+            depth=vision_layers,
+            embed_dim=vision_hidden_size,
+            hidden_size=hidden_size,  # merger output = text width
+            mlp_ratio=2,
+            num_heads=max(1, vision_hidden_size // 16),
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        return Qwen2VLConfig(vision_config=vision, **common)
+    if family == "qwen2_5_vl":
+        vision = dict(
+            depth=vision_layers,
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
+            out_hidden_size=hidden_size,
+            num_heads=max(1, vision_hidden_size // 16),
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            # 2x2 merged units per window, so windowed attention is exercised.
+            window_size=patch_size * 2 * 2,
+            fullatt_block_indexes=[vision_layers - 1],
+        )
+        return Qwen2_5_VLConfig(vision_config=vision, **common)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+_MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def _instantiate(family, config, *, seed, dtype, attn_implementation):
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = _MODEL_CLASSES[family](config)
+    # The constructor does not always propagate the choice to sub-configs.
+    model.set_attn_implementation(attn_implementation)
+    model.to(dtype)
+    model.eval()
+    return model
+
+
+def build_tiny_model(
+    family: str,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 256,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+) -> PreTrainedModel:
+    """Build a tiny random VLM of ``family`` (see ``FAMILIES``), in eval mode.
+
+    The text model uses grouped-query attention; placeholder ids sit at the top
+    of the vocabulary (``vocab_size - 1`` is the image token).  Image token
+    counts per sample: llava 64 (32x32 px, patch 4), llava_next 78 (24x24 px
+    anyres base + 1 tile + row newlines), qwen2_vl / qwen2_5_vl 64 (16x16
+    patches merged 2x2).  ``attn_implementation="eager"`` is the default
+    because only eager attention returns attention probabilities.
+
+    The model's ``name_or_path`` is empty; call ``save_tiny_model`` before
+    ``oneshot`` so llm-compressor can read the config back offline.
+    """
+    config = _build_config(
+        family,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        vision_hidden_size=vision_hidden_size,
+        vision_layers=vision_layers,
+    )
+    return _instantiate(family, config, seed=seed, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def language_model_num_params(model: PreTrainedModel) -> int:
+    """Parameters of the text decoder (embeddings, layers, final norm; no lm_head)."""
+    return sum(p.numel() for p in model.model.language_model.parameters())
+
+
+def build_random_vlm(
+    target_params: int = 60_000_000,
+    seed: int = 0,
+    *,
+    hidden_size: int = 512,
+    intermediate_size: int = 1536,
+    num_heads: int = 8,
+    num_kv_heads: int = 2,
+    vocab_size: int = 32000,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+) -> PreTrainedModel:
+    """Build a random LLaVA whose language model has about ``target_params`` parameters.
+
+    The width is fixed (defaults: hidden 512, 8 heads / 2 kv heads, MLP 1536,
+    vocab 32000) and the number of decoder layers is solved for
+    ``target_params`` (see ``language_model_num_params``).  The CLIP tower
+    (224x224 px, patch 16, width 256, 2 layers) yields 196 image tokens, so
+    ``make_calibration_dataset(model, n, text_tokens=60)`` gives 256-token
+    samples.
+    """
+    head_dim = hidden_size // num_heads
+    attn = hidden_size * head_dim * (2 * num_heads + 2 * num_kv_heads)
+    per_layer = attn + 3 * hidden_size * intermediate_size + 2 * hidden_size
+    fixed = vocab_size * hidden_size + hidden_size
+    num_layers = max(1, round((target_params - fixed) / per_layer))
+    text = _text_kwargs(hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, vocab_size)
+    config = LlavaConfig(
+        text_config=LlamaConfig(**text),
+        vision_config=CLIPVisionConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=16,
+            projection_dim=256,
+        ),
+        image_token_index=vocab_size - 1,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=196,
+        tie_word_embeddings=False,
+    )
+    return _instantiate("llava", config, seed=seed, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def build_tiny_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer covering the model's vocabulary.
+
+    ``oneshot`` insists on a processor whenever a dataset is given (it only
+    uses it for the ``"padding"`` collator and for saving), so pass this as
+    ``processor=``.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    cfg = model.config
+    vocab_size = cfg.get_text_config().vocab_size
+    names = {PAD_TOKEN_ID: "<pad>", BOS_TOKEN_ID: "<s>", EOS_TOKEN_ID: "</s>", cfg.image_token_id: "<image>"}
+    for attr, name in (
+        ("video_token_id", "<video>"),
+        ("vision_start_token_id", "<vision_start>"),
+        ("vision_end_token_id", "<vision_end>"),
+    ):
+        if getattr(cfg, attr, None) is not None:
+            names[getattr(cfg, attr)] = name
+    vocab = {names.get(i, f"t{i}"): i for i in range(vocab_size)}
+    # Unused reserved slots keep distinct names so the vocab stays a bijection.
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    return tok
+
+
+def save_tiny_model(model: PreTrainedModel, path: str | os.PathLike, *, weights: bool = False):
+    """Write ``model``'s config and a tiny tokenizer to ``path`` and point
+    ``model.config.name_or_path`` there.  Returns the tokenizer.
+
+    ``oneshot`` re-reads the config from ``model.config.name_or_path``
+    (``Oneshot.validate_model``); an empty name sends that to the hub and
+    fails offline.  Still pass the returned tokenizer as ``processor=``.
+    ``weights=True`` also saves the weights so the folder is a loadable
+    checkpoint.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    if weights:
+        model.save_pretrained(path)
+    else:
+        model.config.save_pretrained(path)
+    tok = build_tiny_tokenizer(model)
+    tok.save_pretrained(path)
+    model.config._name_or_path = path
+    model.name_or_path = path
+    return tok
+
+
+def decoder_layer_class(model: PreTrainedModel) -> str:
+    """Class name of the text decoder layer, for ``sequential_targets=[...]``."""
+    return text_decoder_layer_class(model)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _image_inputs(model, family, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+    """Random pixel inputs for one image and the number of placeholder tokens."""
+    vcfg = model.config.vision_config
+    if family == "llava":
+        s = vcfg.image_size
+        pix = rng.standard_normal((1, 3, s, s), dtype=np.float32)
+        n = (s // vcfg.patch_size) ** 2
+        if model.config.vision_feature_select_strategy == "full":
+            n += 1
+        return {"pixel_values": pix}, n
+    if family == "llava_next":
+        s = vcfg.image_size
+        # anyres picks the [s, s] pinpoint for an s x s image: base + one tile.
+        pix = rng.standard_normal((1, 2, 3, s, s), dtype=np.float32)
+        sizes = np.array([[s, s]], dtype=np.int64)
+        return {"pixel_values": pix, "image_sizes": sizes}, _llava_next_num_tokens(model, s)
+    t, hw = 1, _QWEN_GRID_HW
+    p, tp, m = vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size
+    pix = rng.standard_normal((t * hw * hw, vcfg.in_channels * tp * p * p), dtype=np.float32)
+    grid = np.array([[t, hw, hw]], dtype=np.int64)
+    return {"pixel_values": pix, "image_grid_thw": grid}, t * hw * hw // (m * m)
+
+
+def _llava_next_num_tokens(model, s: int) -> int:
+    # The unpad/newline arithmetic is intricate; ask the model itself.
+    cached = getattr(model, "_synthetic_num_image_tokens", None)
+    if cached is not None and cached[0] == s:
+        return cached[1]
+    pix = torch.zeros(1, 2, 3, s, s, dtype=model.dtype)
+    with torch.no_grad():
+        out = model.model.get_image_features(pixel_values=pix, image_sizes=torch.tensor([[s, s]]))
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    n = int(sum(f.shape[0] for f in feats))
+    model._synthetic_num_image_tokens = (s, n)
+    return n
+
+
+def make_calibration_dataset(
+    model: PreTrainedModel,
+    num_samples: int,
+    *,
+    text_tokens: int = 24,
+    seed: int = 0,
+    pad_to: int | None = None,
+    padding_side: str = "right",
+) -> Dataset:
+    """Pre-tokenised multimodal calibration rows for ``model``, one sample per row.
+
+    Columns: ``input_ids`` and ``attention_mask`` of shape ``[1, L]`` (the
+    processor's batch dimension is kept, as llm-compressor's VLM examples do),
+    ``pixel_values``, plus ``image_sizes`` (llava_next) or ``image_grid_thw``
+    and ``mm_token_type_ids`` (qwen2_vl, qwen2_5_vl).  Each sequence is
+    ``prefix text, image placeholders, text`` with about ``text_tokens`` random
+    text ids (varying by up to +-2, seeded) that never equal 0 (padding) or any
+    placeholder.  ``pad_to`` pads every row to that length with id 0 and mask 0
+    on ``padding_side``.
+
+    The format is torch, so ``model(**ds[i])`` works directly.  For ``oneshot``
+    pass ``data_collator=data_collator`` (the default collator would add a
+    second batch dimension).
+    """
+    family = family_of(model)
+    if padding_side not in ("left", "right"):
+        raise ValueError("padding_side must be 'left' or 'right'")
+    cfg = model.config
+    vocab_size = cfg.get_text_config().vocab_size
+    ids = _special_ids(vocab_size)
+    img_id = int(cfg.image_token_id)
+    hi = min(min(ids.values()), img_id, vocab_size - _NUM_RESERVED_TOP)
+    if hi <= _FIRST_TEXT_ID:
+        raise ValueError("vocabulary too small for random text ids")
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    for _ in range(num_samples):
+        image, n_img = _image_inputs(model, family, rng)
+        n_text = max(2, text_tokens + int(rng.integers(-2, 3)))
+        n_prefix = min(4, n_text // 2)
+        text = rng.integers(_FIRST_TEXT_ID, hi, size=n_text)
+        pieces = [text[:n_prefix]]
+        if family.startswith("qwen"):
+            pieces += [[ids["vision_start"]], np.full(n_img, img_id), [ids["vision_end"]]]
+        else:
+            pieces += [np.full(n_img, img_id)]
+        pieces.append(text[n_prefix:])
+        input_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
+        mask = np.ones_like(input_ids)
+        if pad_to is not None:
+            extra = pad_to - input_ids.shape[0]
+            if extra < 0:
+                raise ValueError(f"pad_to={pad_to} is shorter than a sample ({input_ids.shape[0]} tokens)")
+            width = (extra, 0) if padding_side == "left" else (0, extra)
+            input_ids = np.pad(input_ids, width, constant_values=PAD_TOKEN_ID)
+            mask = np.pad(mask, width, constant_values=0)
+        row = {"input_ids": input_ids[None], "attention_mask": mask[None], **image}
+        if family.startswith("qwen"):
+            row["mm_token_type_ids"] = (input_ids == img_id).astype(np.int64)[None]
+        rows.append(row)
+    ds = Dataset.from_list(rows)
+    ds.set_format("torch")
+    return ds
+
+
+# Kept under the name the docs above use.
+data_collator = collate_rows

@@ -1,0 +1,106 @@
+"""Shared helpers: tiny real models, a oneshot runner, and a brute-force scorer."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from llmcompressor import oneshot
+
+from tamp_modifier.data import collate_rows
+from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
+from tamp_modifier.synthetic import build_tiny_model, save_tiny_model
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def run_oneshot(model, tokenizer, dataset, recipe, output_dir=None, **kwargs):
+    """oneshot with the arguments a vision-language model needs offline."""
+    args = dict(
+        num_calibration_samples=len(dataset),
+        shuffle_calibration_samples=False,
+        max_seq_length=4096,
+        data_collator=collate_rows,
+        sequential_targets=[text_decoder_layer_class(model)],
+    )
+    args.update(kwargs)
+    return oneshot(
+        model=model, processor=tokenizer, dataset=dataset, recipe=recipe,
+        output_dir=None if output_dir is None else str(output_dir), **args,
+    )
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Build a tiny model of a family, with its config (and weights) in a folder."""
+
+    def make(family="llava", weights=False, **kwargs):
+        model = build_tiny_model(family, **kwargs)
+        folder = tmp_path / f"dense-{family}"
+        tokenizer = save_tiny_model(model, folder, weights=weights)
+        return model, tokenizer, folder
+
+    return make
+
+
+def language_linears(model):
+    """The Linears our recipes prune: everything but towers, projector, lm_head."""
+    from compressed_tensors.utils import match_named_modules
+
+    return dict(
+        (n, m) for n, m in match_named_modules(model, ["Linear"], TOWER_IGNORE)
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+def zero_fraction(module):
+    return (module.weight == 0).float().mean().item()
+
+
+def brute_force_scores(model, dataset, modalities: dict[str, list[int]]):
+    """The spec's DAS layer score, from full pairwise distance matrices (float64).
+
+    Runs the dense model sample by sample with plain forward hooks: independent
+    of llm-compressor's pipeline and of tamp_modifier's streaming formulas.
+    """
+    names = ["text", *modalities]
+    linears = language_linears(model)
+    sums = {n: {} for n in linears}
+    captured = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, out.detach()))
+        for n, m in linears.items()
+    ]
+    try:
+        for row in dataset:
+            with torch.no_grad():
+                model(**{k: v for k, v in row.items()})
+            ids = row["input_ids"][0]
+            keep = row["attention_mask"][0].bool()
+            labels = torch.zeros_like(ids)
+            for k, token_ids in enumerate(modalities.values(), start=1):
+                labels[torch.isin(ids, torch.tensor(token_ids))] = k
+            for n, out in captured.items():
+                z = out[0][keep].double()
+                z = z / z.norm(dim=-1, keepdim=True)
+                dist = 1 - z @ z.T
+                lab = labels[keep]
+                groups = {m: (lab == k).nonzero().flatten() for k, m in enumerate(names)}
+                for m, idx in groups.items():
+                    if len(idx) >= 2:
+                        block = dist[idx][:, idx]
+                        value = (block.sum() - block.diagonal().sum()) / (len(idx) * (len(idx) - 1))
+                        sums[n].setdefault(m, []).append(value.item())
+                for a, b in itertools.combinations(names, 2):
+                    if len(groups[a]) and len(groups[b]):
+                        sums[n].setdefault(f"{a}|{b}", []).append(dist[groups[a]][:, groups[b]].mean().item())
+    finally:
+        for h in hooks:
+            h.remove()
+    scores = {}
+    for n, terms in sums.items():
+        means = [sum(v) / len(v) for v in terms.values()]
+        scores[n] = sum(means) / len(means)
+    return scores
