@@ -58,8 +58,8 @@ def test_following_n_m_pruner_is_refused(llava):
 
 
 def test_pruner_with_its_own_per_layer_sparsity_is_refused(llava):
-    n = 14 + 2  # any list: refused whatever its length
-    assert_stops_before_calibration(llava, [DiversityAwareSparsity(), wanda(sparsity=[0.5] * n)], "one sparsity value")
+    recipe = [DiversityAwareSparsity(), wanda(sparsity=[0.5] * 16)]  # any list is refused
+    assert_stops_before_calibration(llava, recipe, "one sparsity value")
 
 
 def test_two_different_targets_are_refused(llava):

@@ -149,7 +149,8 @@ sparsity_stage:
     per_block = {}
     for name, module in language_linears(model).items():
         per_block.setdefault(layers[name]["block"], set()).add(round(layers[name]["assigned"], 9))
-        assert zero_fraction(module) == pytest.approx(layers[name]["assigned"], abs=1 / module.weight.shape[1])
+        one_weight_per_row = 1 / module.weight.shape[1]
+        assert zero_fraction(module) == pytest.approx(layers[name]["assigned"], abs=one_weight_per_row)
     assert len(per_block) == 3 and all(len(v) == 1 for v in per_block.values())
     assert len({v.pop() for v in per_block.values()}) > 1
 
@@ -187,3 +188,17 @@ def test_all_tokens_diversity_and_user_mapping(tiny, tmp_path):
     expected = brute_force_scores(model, data, {"picture": [image]})
     for name, score in expected.items():
         assert das["layers"][name]["score"] == pytest.approx(score, abs=1e-4)
+
+
+def test_bfloat16_model_is_scored_in_float32(tiny, tmp_path):
+    model, tokenizer, _ = tiny("qwen2_vl", dtype=torch.bfloat16)
+    data = make_calibration_dataset(model, 3, seed=9)
+    data = data.map(lambda row: {"pixel_values": row["pixel_values"].to(torch.bfloat16)})
+    data.set_format("torch")
+    expected = brute_force_scores(model, data, placeholder_ids(model))
+    run_oneshot(model, tokenizer, data, str(RECIPES / "das_wanda.yaml"), output_dir=tmp_path / "h")
+    layers = load_report(tmp_path / "h")["das"]["layers"]
+    for name, module in language_linears(model).items():
+        assert module.weight.dtype == torch.bfloat16
+        assert layers[name]["score"] == pytest.approx(expected[name], abs=1e-3), name
+        assert zero_fraction(module) == pytest.approx(layers[name]["assigned"], abs=1e-9)

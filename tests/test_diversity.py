@@ -106,7 +106,8 @@ def test_half_precision_outputs_are_scored_in_float32():
     out = torch.randn(30, 16, generator=g)
     lab = torch.randint(0, 2, (30,), generator=g)
     want = modality_diversity(out.bfloat16().float(), lab, ["text", "image"])["score"]
-    assert modality_diversity(out.bfloat16(), lab, ["text", "image"])["score"] == pytest.approx(want, abs=1e-6)
+    got = modality_diversity(out.bfloat16(), lab, ["text", "image"])["score"]
+    assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_rejects_batched_input():

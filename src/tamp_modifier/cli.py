@@ -117,9 +117,9 @@ def _make_demo(workdir: Path) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
     from llmcompressor import oneshot
 
+    import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
     from tamp_modifier.data import collate_rows, load_calibration_dataset
     from tamp_modifier.models import text_decoder_layer_class
     from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report

@@ -1,0 +1,155 @@
+"""How much does the DiversityAwareSparsity (DAS) calibration pass cost next to Wanda?
+
+Runs llm-compressor's ``oneshot`` on a random ~60M-parameter LLaVA with 128
+calibration samples of ~256 tokens (196 image + ~60 text), once per method, each
+in its own fresh subprocess so peak memory is not shared between methods:
+
+    wanda      WandaPruningModifier(sparsity=0.5) alone: the baseline
+    das        DiversityAwareSparsity(sparsity=0.5) alone: a profiling run, i.e.
+               DAS's calibration pass only (nothing is pruned)
+    das+wanda  DAS followed by Wanda: the full recipe (two calibration passes)
+
+For each it times only the ``oneshot(...)`` call (model and data are built
+first, same seed for every method) and reads the process's peak RSS; "growth"
+is peak RSS minus the RSS just before ``oneshot``. Issue target: the DAS pass
+at most 1.0x Wanda's wall time and at most 1.1x its peak memory. This script
+only prints figures; it asserts nothing.
+
+    python benchmarks/das_speed.py                       # defaults, ~5-10 min on 2 cores
+    python benchmarks/das_speed.py --samples 16 --repeats 3 --json out.json
+    python benchmarks/das_speed.py --methods wanda das
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+METHODS = ("wanda", "das", "das+wanda")
+CORES = len(os.sched_getaffinity(0))
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kib / 1024
+
+
+def worker(args):
+    """One oneshot run of one method; prints a JSON line."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # read at llmcompressor import
+    import torch
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(CORES)
+
+    from tamp_modifier import DiversityAwareSparsity
+    from tamp_modifier.data import collate_rows
+    from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
+    from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
+
+    model = build_random_vlm(target_params=int(args.target_params), seed=0)
+    ds = make_calibration_dataset(model, args.samples, text_tokens=args.text_tokens, seed=0)
+    wanda = lambda: WandaPruningModifier(sparsity=0.5, targets=["Linear"], ignore=TOWER_IGNORE)
+    recipe = {
+        "wanda": lambda: [wanda()],
+        "das": lambda: [DiversityAwareSparsity(sparsity=0.5, ignore=TOWER_IGNORE)],
+        "das+wanda": lambda: [DiversityAwareSparsity(), wanda()],
+    }[args.worker]()
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = save_tiny_model(model, folder)
+        baseline = rss_mib()
+        t0 = time.perf_counter()
+        oneshot(
+            model=model, processor=tokenizer, dataset=ds, recipe=recipe,
+            num_calibration_samples=len(ds), shuffle_calibration_samples=False,
+            max_seq_length=4096, data_collator=collate_rows,
+            sequential_targets=[text_decoder_layer_class(model)],
+        )
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    lengths = [row["input_ids"].shape[-1] for row in ds]
+    print(json.dumps(dict(
+        method=args.worker, seconds=seconds, peak_mib=peak, growth_mib=peak - baseline,
+        baseline_mib=baseline, torch=torch.__version__, threads=torch.get_num_threads(),
+        params=sum(p.numel() for p in model.parameters()),
+        lm_params=sum(p.numel() for p in model.model.language_model.parameters()),
+        layers=model.config.text_config.num_hidden_layers,
+        tokens=statistics.mean(lengths), tokens_min=min(lengths), tokens_max=max(lengths),
+    )))
+
+
+def run(method, args):
+    cmd = [sys.executable, __file__, "--worker", method, "--samples", str(args.samples),
+           "--text-tokens", str(args.text_tokens), "--target-params", str(args.target_params)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{method} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--text-tokens", type=int, default=60, help="text tokens per sample (+196 image)")
+    p.add_argument("--target-params", type=float, default=60e6, help="language-model parameters")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method; median time reported")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    runs = {}
+    for method in args.methods:
+        for i in range(args.repeats):
+            r = run(method, args)
+            print(f"# {method} run {i + 1}/{args.repeats}: {r['seconds']:.1f} s, "
+                  f"peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            runs.setdefault(method, []).append(r)
+    results = {m: dict(rs[0], seconds=statistics.median(r["seconds"] for r in rs),
+                       peak_mib=max(r["peak_mib"] for r in rs),
+                       growth_mib=max(r["growth_mib"] for r in rs),
+                       all_seconds=[r["seconds"] for r in rs])
+               for m, rs in runs.items()}
+
+    info = next(iter(results.values()))
+    print(f"machine: {CORES} cores, torch {info['torch']} ({info['threads']} threads), python "
+          f"{sys.version.split()[0]}")
+    print(f"model: random LLaVA, {info['params'] / 1e6:.1f}M params, language model "
+          f"{info['lm_params'] / 1e6:.1f}M ({info['layers']} layers); {args.samples} samples of "
+          f"{info['tokens']:.0f} tokens ({info['tokens_min']}-{info['tokens_max']}); "
+          f"{args.repeats} run(s) per method, median time, max memory\n")
+    base = results.get("wanda")
+    ratio = lambda r, k: f"{r[k] / base[k]:.2f}x" if base else "-"
+    print("| method | wall time (s) | vs Wanda | peak RSS (MiB) | growth (MiB) | peak vs Wanda |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for m, r in results.items():
+        print(f"| {m} | {r['seconds']:.1f} | {ratio(r, 'seconds')} | {r['peak_mib']:.0f} | "
+              f"{r['growth_mib']:.0f} | {ratio(r, 'peak_mib')} |")
+    if base and "das" in results:
+        das = results["das"]
+        print(f"\nissue target, DAS pass vs Wanda: time {das['seconds'] / base['seconds']:.2f}x "
+              f"(target <= 1.0x), peak memory {das['peak_mib'] / base['peak_mib']:.2f}x "
+              f"(target <= 1.1x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), cores=CORES, results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
