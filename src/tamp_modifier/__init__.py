@@ -3,25 +3,28 @@
 Importing this package registers its modifiers with llm-compressor, so YAML
 recipes given to ``oneshot()`` can name them::
 
-    import tamp_modifier  # noqa: F401  (registers DiversityAwareSparsity, ...)
+    import tamp_modifier  # noqa: F401  (registers DiversityAwareSparsity, AdaptiveInputActivation)
     from llmcompressor import oneshot
     oneshot(model=model, dataset=ds, recipe="recipes/das_wanda.yaml", ...)
 """
 
 from tamp_modifier.allocation import allocate_sparsity
 from tamp_modifier.diversity import modality_diversity
-from tamp_modifier.modifiers import DiversityAwareSparsity
+from tamp_modifier.modifiers import AdaptiveInputActivation, DiversityAwareSparsity
 from tamp_modifier.registry import register_modifiers
 from tamp_modifier.report import load_report, reallocate
+from tamp_modifier.token_selection import select_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveInputActivation",
     "DiversityAwareSparsity",
     "allocate_sparsity",
     "load_report",
     "modality_diversity",
     "reallocate",
+    "select_tokens",
 ]
 
-register_modifiers(DiversityAwareSparsity)
+register_modifiers(DiversityAwareSparsity, AdaptiveInputActivation)

@@ -48,35 +48,39 @@ def _pair_index(num_modalities: int) -> tuple[torch.Tensor, torch.Tensor]:
     return upper[0], upper[1]
 
 
-def _batched_terms(
+def _modality_sums(
     outputs: torch.Tensor, labels: torch.Tensor, num_modalities: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample terms ``[B, T]`` and their defined-mask ``[B, T]``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample and modality: ``S_m`` ``[B, M, d]``, ``Q_m`` and ``n_m`` ``[B, M]``.
 
-    ``outputs`` is ``[B, L, d]`` and ``labels`` ``[B, L]``; statistics are float32
-    whatever the model's dtype.
+    ``outputs`` is ``[B, L, d]``, ``labels`` ``[B, L]``; float32 whatever the
+    model's dtype. Padding goes to a spare bucket that is dropped.
     """
-    z = F.normalize(outputs.float(), dim=-1)
-    present = labels >= 0
-    onehot = F.one_hot(labels.clamp(min=0).long(), num_modalities).to(z.dtype)
-    onehot = onehot * present.unsqueeze(-1)  # [B, L, M]
+    batch, length, width = outputs.shape
+    z = F.normalize(outputs.float(), dim=-1).reshape(batch * length, width)
+    buckets = num_modalities + 1
+    spare = torch.where(labels >= 0, labels.long(), num_modalities)
+    index = (spare + torch.arange(batch, device=labels.device).unsqueeze(1) * buckets).flatten()
+    sums = z.new_zeros(batch * buckets, width).index_add_(0, index, z)
+    sq_norms = z.new_zeros(batch * buckets).index_add_(0, index, z.square().sum(-1))
+    counts = torch.bincount(index, minlength=batch * buckets).to(z.dtype)
+    shape = (batch, buckets)
+    return (
+        sums.view(*shape, width)[:, :num_modalities],
+        sq_norms.view(shape)[:, :num_modalities],
+        counts.view(shape)[:, :num_modalities],
+    )
 
-    sums = torch.einsum("blm,bld->bmd", onehot, z)  # S_m
-    sq_norms = torch.einsum("blm,bl->bm", onehot, z.square().sum(-1))  # Q_m
-    counts = onehot.sum(1)  # n_m
+
+def _terms_from_sums(sums, sq_norms, counts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample terms ``[B, T]`` and their defined-mask, from per-modality sums."""
     gram = sums @ sums.transpose(1, 2)  # <S_a, S_b>
-
     diag = gram.diagonal(dim1=1, dim2=2)
-    pairs = counts * (counts - 1)
-    intra = 1 - (diag - sq_norms) / pairs.clamp(min=1)
-    intra_ok = counts >= 2
-
-    a, b = _pair_index(num_modalities)
+    intra = 1 - (diag - sq_norms) / (counts * (counts - 1)).clamp(min=1)
+    a, b = _pair_index(counts.shape[1])
     cross = counts[:, a] * counts[:, b]
     inter = 1 - gram[:, a, b] / cross.clamp(min=1)
-    inter_ok = cross > 0
-
-    return torch.cat([intra, inter], 1), torch.cat([intra_ok, inter_ok], 1)
+    return torch.cat([intra, inter], 1), torch.cat([counts >= 2, cross > 0], 1)
 
 
 class DiversityAccumulator:
@@ -84,7 +88,9 @@ class DiversityAccumulator:
 
     Each term is averaged over the samples in which it is defined; the layer
     score is the mean of the defined terms (TAMP: ``(s_v + s_l + s_vl) / 3``).
-    The sums stay on the outputs' device so a GPU run never syncs per sample.
+    ``update`` only reduces a batch to its per-modality sums (cheap, on the
+    outputs' device, no sync); the terms of all pending samples are computed in
+    one batch by ``flush`` (``terms``/``score`` flush first).
 
     :param modalities: names, index = label (``modalities[0]`` is text)
     """
@@ -94,12 +100,21 @@ class DiversityAccumulator:
         self.names = term_names(self.modalities)
         self.sums: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(self, outputs: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch: ``outputs`` ``[B, L, d]`` (or ``[L, d]``), ``labels`` alike."""
         if outputs.dim() == 2:
             outputs, labels = outputs.unsqueeze(0), labels.unsqueeze(0)
-        terms, defined = _batched_terms(outputs, labels.to(outputs.device), len(self.modalities))
+        self._pending.append(_modality_sums(outputs, labels.to(outputs.device), len(self.modalities)))
+
+    def flush(self) -> None:
+        """Turn the pending samples' sums into terms and add them up."""
+        if not self._pending:
+            return
+        sums, sq_norms, counts = (torch.cat(parts) for parts in zip(*self._pending))
+        self._pending.clear()
+        terms, defined = _terms_from_sums(sums, sq_norms, counts)
         terms = torch.where(defined, terms, torch.zeros_like(terms)).double()
         if self.sums is None:
             self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=terms.device)
@@ -109,6 +124,7 @@ class DiversityAccumulator:
 
     def terms(self) -> dict[tuple[str, str], float]:
         """Each defined term, averaged over the samples that define it."""
+        self.flush()
         if self.sums is None:
             return {}
         sums, counts = self.sums.cpu().tolist(), self.counts.cpu().tolist()

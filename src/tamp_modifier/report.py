@@ -139,7 +139,9 @@ def reallocate(
 
 
 def format_table(section: dict) -> str:
-    """A plain-text per-layer table of a report section (scores and ratios)."""
+    """A plain-text per-layer table of a report section."""
+    if section.get("method") == "AdaptiveInputActivation":
+        return _format_selection_table(section)
     layers = section.get("layers", {})
     if not layers:
         return "(no layers)"
@@ -161,4 +163,26 @@ def format_table(section: dict) -> str:
     glob = section.get("global", {})
     if glob:
         lines.append(f"global (parameter-weighted) sparsity: {glob.get('assigned', float('nan')):.4f}")
+    return "\n".join(lines)
+
+
+def _format_selection_table(section: dict) -> str:
+    layers = section.get("layers", {})
+    if not layers:
+        return "(no layers)"
+    modalities = list(next(iter(layers.values()))["selected"])
+    width = max(len(n) for n in layers)
+    head = f"{'layer':<{width}}  " + "  ".join(f"{'sel ' + m:>10}" for m in modalities)
+    head += f"  {'share':>7}  {'sparsity':>8}  {'realized':>8}"
+    lines = [head, "-" * len(head)]
+    for name, v in layers.items():
+        sparsity = v["mask_structure"] if v["sparsity"] is None else f"{v['sparsity']:.4f}"
+        realized = f"{v['realized']:.4f}" if "realized" in v else "-"
+        lines.append(
+            f"{name:<{width}}  " + "  ".join(f"{v['selected'][m]:>10}" for m in modalities)
+            + f"  {v['share']:>7.2%}  {sparsity:>8}  {realized:>8}"
+        )
+    share = section.get("selected_share", {})
+    lines.append("share of tokens selected: " + ", ".join(
+        f"{m} {s:.2%}" for m, s in share.items() if s is not None))
     return "\n".join(lines)

@@ -20,13 +20,14 @@ from tamp_modifier.allocation import (
     snap_to_rows,
 )
 from tamp_modifier.diversity import DiversityAccumulator
-from tamp_modifier.modality import PADDING, label_tokens, resolve_modality_token_ids
+from tamp_modifier.modality import resolve_modality_token_ids
 from tamp_modifier.modifiers.pruner_bridge import (
     check_pruner,
     following_pruner,
     hand_over,
     modules_pruned_by,
 )
+from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import REPORT_FILE_NAME, attach_report, format_table, load_report
 
 __all__ = ["DiversityAwareSparsity"]
@@ -96,8 +97,7 @@ class DiversityAwareSparsity(Modifier):
     _modalities: list[str] = PrivateAttr(default_factory=list)
     _token_ids: dict[str, list[int]] = PrivateAttr(default_factory=dict)
     _accumulators: dict[str, DiversityAccumulator] = PrivateAttr(default_factory=dict)
-    _labels: dict[int, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _padding_applied: set = PrivateAttr(default_factory=set)
+    _labels: CalibrationTokenLabels | None = PrivateAttr(default=None)
     _checked_modalities: bool = PrivateAttr(default=False)
     _tokens_seen: dict[str, int] | None = PrivateAttr(default=None)
 
@@ -179,11 +179,10 @@ class DiversityAwareSparsity(Modifier):
             )
         if self.profile is not None:
             return
-        embeddings = state.model.get_input_embeddings()
-        self.register_hook(embeddings, self._record_labels, "forward_pre")
-        for block in {self._blocks[n] for n in self._modules}:
-            module = state.model.get_submodule(block)
-            self.register_hook(module, self._record_padding, "forward_pre", with_kwargs=True)
+        token_ids = self._token_ids if self.diversity == "modality" else {}
+        self._labels = CalibrationTokenLabels(token_ids)
+        blocks = {self._blocks[n] for n in self._modules}
+        self._labels.attach(self, state.model, [state.model.get_submodule(b) for b in blocks])
         for name, module in self._modules.items():
             self._accumulators[name] = DiversityAccumulator(self._modalities)
             hook = self._make_layer_hook(name)
@@ -193,6 +192,8 @@ class DiversityAwareSparsity(Modifier):
         # After each subgraph: stop early on bad data instead of after the last layer.
         if self._labels and not self._checked_modalities:
             self._check_modalities_seen()
+        for acc in self._accumulators.values():
+            acc.flush()  # this subgraph's samples: bounded memory, early checks
         bad = [
             n
             for n, acc in self._accumulators.items()
@@ -214,7 +215,7 @@ class DiversityAwareSparsity(Modifier):
         else:
             layers = self._profile_layers()
         self._allocate(state.model, layers)
-        self._labels.clear()
+        self._labels = None
         self._accumulators.clear()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -306,42 +307,10 @@ class DiversityAwareSparsity(Modifier):
 
     # ------------------------------------------------------------------ hooks
 
-    def _record_labels(self, _module, args):
-        input_ids = args[0] if args else None
-        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
-            return
-        batch = active_session().state.current_batch_idx
-        ids = self._token_ids if self.diversity == "modality" else {}
-        self._labels[batch] = label_tokens(input_ids.detach(), ids).cpu()
-
-    def _record_padding(self, _module, args, kwargs):
-        batch = active_session().state.current_batch_idx
-        if batch in self._padding_applied or batch not in self._labels:
-            return
-        self._padding_applied.add(batch)
-        mask = kwargs.get("attention_mask")
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-            return
-        # A padded token may not even attend to itself; a real one always can.
-        diag = mask[:, 0].diagonal(dim1=-2, dim2=-1)
-        real = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
-        labels = self._labels[batch]
-        if real.shape == labels.shape:
-            labels[~real.cpu()] = PADDING
-
     def _make_layer_hook(self, name: str):
         def hook(_module, _args, output):
-            batch = active_session().state.current_batch_idx
-            labels = self._labels.get(batch)
-            if labels is None:
-                raise ValueError(
-                    "DiversityAwareSparsity did not see the input_ids of calibration "
-                    f"sample {batch}; calibrate with input_ids (not inputs_embeds)"
-                )
             out = output.detach()
-            if out.shape[:-1] != labels.shape:
-                labels = labels.reshape(out.shape[:-1])
-            self._accumulators[name].update(out, labels)
+            self._accumulators[name].update(out, self._labels.current(out.shape[:-1]))
 
         return hook
 
@@ -351,11 +320,7 @@ class DiversityAwareSparsity(Modifier):
         self._checked_modalities = True
         if self.diversity != "modality":
             return
-        seen = torch.zeros(len(self._modalities), dtype=torch.long)
-        for labels in self._labels.values():
-            present = labels[labels >= 0].long()
-            seen += torch.bincount(present, minlength=len(self._modalities))[: len(self._modalities)]
-        self._tokens_seen = dict(zip(self._modalities, seen.tolist()))
+        self._tokens_seen = dict(zip(self._modalities, self._labels.counts(len(self._modalities))))
         absent = [m for m, c in self._tokens_seen.items() if c == 0 and m != "text"]
         declared = set(self.modality_token_ids or {})
         if absent and declared & set(absent):

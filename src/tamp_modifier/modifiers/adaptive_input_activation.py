@@ -1,0 +1,287 @@
+"""AdaptiveInputActivation: Wanda with activation norms over the tokens that matter."""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+from compressed_tensors.utils import align_module_device, update_offload_parameter
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+from loguru import logger
+from pydantic import PrivateAttr, field_validator, model_validator
+
+from tamp_modifier.activation_pruning import parse_mask_structure, prune_mask
+from tamp_modifier.modality import resolve_modality_token_ids
+from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
+from tamp_modifier.report import attach_report
+from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
+
+__all__ = ["AdaptiveInputActivation"]
+
+TOKEN_SELECTIONS = ("amia", "attention", "random", "all")
+
+
+class AdaptiveInputActivation(SparsityModifierBase):
+    """Adaptive Multimodal Input Activation (AMIA), the token-adaptive half of TAMP.
+
+    Wanda scores weight ``W_rk`` by ``|W_rk| * ||X_k||``, the norm of input
+    channel ``k`` over all calibration tokens, which the many image tokens
+    dominate. AMIA measures ``||X_k||`` over the tokens each decoder block
+    attends to, chosen greedily in each Linear's output space until they represent
+    all the sample's tokens (``tamp_modifier.select_tokens``). Pruning is then
+    Wanda's: per output row, or N:M. Placed after ``DiversityAwareSparsity`` in
+    the same recipe, it prunes every layer at the ratio DAS assigned: that is TAMP.
+
+    Sample yaml (``import tamp_modifier`` first, or use ``tamp-prune``)::
+
+        sparsity_stage:
+          sparsity_modifiers:
+            DiversityAwareSparsity: {}
+            AdaptiveInputActivation:
+              sparsity: 0.5
+              targets: ["Linear"]
+              ignore: ["re:.*vision_tower.*", "re:.*multi_modal_projector.*",
+                       "re:.*visual.*", "re:.*lm_head"]
+
+    :param sparsity: share pruned per row (unstructured), unless DAS set ratios
+    :param mask_structure: ``"0:0"`` unstructured, or ``"N:M"`` such as ``"2:4"``
+    :param token_selection: ``amia`` (default), ``attention`` (tokens attended
+        above 1/N), ``random`` (``random_tokens`` per sample, seeded), ``all``
+        (plain Wanda)
+    :param knn, gamma, penalty_gamma, mmd_scale: the selection's settings (spec)
+    :param random_tokens: tokens per sample for ``random``
+    :param seed: seed for ``random``
+    :param modality_token_ids: ``{image: [ids], ...}``; default from the config
+    """
+
+    sparsity: float | list[float] | None = 0.5
+    token_selection: str = "amia"
+    knn: int = 3
+    gamma: float = 1.0
+    penalty_gamma: float = 0.2
+    mmd_scale: float = 0.1
+    random_tokens: int = 100
+    seed: int = 0
+    modality_token_ids: dict[str, list[int]] | None = None
+
+    _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
+    _labels: CalibrationTokenLabels | None = PrivateAttr(default=None)
+    _modalities: list[str] = PrivateAttr(default_factory=list)
+    _block_of: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _attention: dict[str, tuple[int, torch.Tensor]] = PrivateAttr(default_factory=dict)
+    _pending: dict[str, list] = PrivateAttr(default_factory=dict)
+    _sq_sums: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _selected: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _seen: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _layers_report: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _seconds: dict[str, float] = PrivateAttr(default_factory=lambda: {"selection": 0.0, "pruning": 0.0})
+
+    @field_validator("token_selection")
+    @classmethod
+    def _check_selection(cls, value: str) -> str:
+        if value not in TOKEN_SELECTIONS:
+            raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {value!r}")
+        return value
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _check_structure(cls, value: str) -> str:
+        parse_mask_structure(value)
+        return value
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _listify(cls, value):
+        return [value] if isinstance(value, str) else value  # a bare "Linear" prunes nothing
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "AdaptiveInputActivation":
+        if self.sparsity_profile is not None:
+            raise ValueError(
+                "AdaptiveInputActivation takes per-layer ratios from DiversityAwareSparsity "
+                "placed before it; sparsity_profile is not supported"
+            )
+        if isinstance(self.sparsity, float) and not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("knn", "random_tokens"):
+            if getattr(self, name) < (0 if name == "knn" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.mmd_scale <= 0:
+            raise ValueError(f"mmd_scale must be > 0, got {self.mmd_scale}")
+        return self
+
+    def set_layer_sparsity(self, ratios: dict[str, float]) -> None:
+        """Per-layer ratios by module name (DiversityAwareSparsity calls this)."""
+        self._layer_sparsity = dict(ratios)
+
+    @property
+    def _needs_attention(self) -> bool:
+        return self.token_selection in ("amia", "attention")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        super().on_initialize(state, **kwargs)
+        token_ids = resolve_modality_token_ids(state.model.config, self.modality_token_ids)
+        self._labels = CalibrationTokenLabels(token_ids)
+        self._modalities = ["text", *token_ids]
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)  # hooks on every pruned Linear
+        model = state.model
+        blocks = self._blocks(model)
+        for module, name in self._module_names.items():
+            owners = [b for b in blocks if name.startswith(b + ".")]
+            self._block_of[module] = max(owners, key=len) if owners else ""
+        used = {b for b in self._block_of.values() if b}
+        self._labels.attach(self, model, [model.get_submodule(b) for b in used])
+        if self._needs_attention:
+            for block in used:
+                attn = getattr(model.get_submodule(block), "self_attn", None)
+                if attn is None:
+                    raise ValueError(
+                        f"decoder block {block} has no `self_attn` module, so AMIA has no "
+                        "attention to select tokens with; use token_selection: all or random"
+                    )
+                self.register_hook(attn, self._attention_hook(block), "forward")
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        result = super().on_finalize(state, **kwargs)
+        self.remove_hooks()
+        self._report(state.model)
+        self._labels = None
+        return result
+
+    def _blocks(self, model: torch.nn.Module) -> list[str]:
+        from compressed_tensors.utils import match_named_modules
+
+        return [name for name, _ in match_named_modules(model, self._sequential_targets)]
+
+    # ------------------------------------------------------------------ hooks
+
+    def _attention_hook(self, block: str):
+        def hook(_module, _args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise ValueError(
+                    f"{block}.self_attn returned no attention weights: AMIA reads each "
+                    "block's own attention, which needs eager attention (llm-compressor "
+                    "forces it during calibration unless the model cannot use it). Load the "
+                    "model with attn_implementation='eager', or use token_selection: all/random"
+                )
+            batch = active_session().state.current_batch_idx
+            labels = self._labels.current(weights.shape[:1] + weights.shape[-1:])
+            # The last real token's query row, averaged over heads.
+            positions = torch.arange(labels.shape[1]).expand_as(labels)
+            last = torch.where(labels >= 0, positions, -1).amax(1).to(weights.device)
+            rows = weights[torch.arange(weights.shape[0], device=weights.device), :, last]
+            self._attention[block] = (batch, rows.float().mean(1).detach())
+            for args in self._pending.pop(block, []):
+                self._accumulate(*args)
+
+        return hook
+
+    def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
+        inputs, outputs = args[0].detach(), output.detach()
+        block = self._block_of.get(module, "")
+        if self._needs_attention:
+            batch = active_session().state.current_batch_idx
+            seen = self._attention.get(block)
+            if seen is None or seen[0] != batch:
+                # q/k/v run inside self_attn, before its attention is returned.
+                self._pending.setdefault(block, []).append((module, inputs, outputs))
+                return
+        self._accumulate(module, inputs, outputs)
+
+    def _accumulate(self, module, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        if inputs.dim() == 2:
+            inputs, outputs = inputs.unsqueeze(0), outputs.unsqueeze(0)
+        labels = self._labels.current(inputs.shape[:-1]).to(inputs.device)
+        attention = self._attention[self._block_of[module]][1] if self._needs_attention else None
+        if module not in self._sq_sums:
+            self._sq_sums[module] = torch.zeros(inputs.shape[-1], dtype=torch.float32, device=inputs.device)
+            self._selected[module] = torch.zeros(len(self._modalities), dtype=torch.long)
+            self._seen[module] = torch.zeros(len(self._modalities), dtype=torch.long)
+        start = time.perf_counter()
+        for b in range(inputs.shape[0]):
+            real = (labels[b] >= 0).nonzero().flatten()
+            chosen = real[self._choose(module, outputs[b, real], attention, labels[b, real], b, real)]
+            x = inputs[b, chosen].float()
+            self._sq_sums[module] += x.square().sum(0)
+            m = len(self._modalities)
+            self._selected[module] += torch.bincount(labels[b, chosen].long().cpu(), minlength=m)[:m]
+            self._seen[module] += torch.bincount(labels[b, real].long().cpu(), minlength=m)[:m]
+        self._seconds["selection"] += time.perf_counter() - start
+
+    def _choose(self, module, outputs, attention, labels, b, real) -> torch.Tensor:
+        n = outputs.shape[0]
+        if self.token_selection == "all":
+            return torch.arange(n, device=outputs.device)
+        if self.token_selection == "random":
+            # Same seed, sample and layer: same tokens, in any process and data order.
+            layer = zlib.crc32(self._module_names[module].encode())
+            seed = (self.seed * 1_000_003 + self._labels.fingerprint(b) * 7_919 + layer) % 2**63
+            return random_tokens(n, self.random_tokens, torch.Generator().manual_seed(seed)).to(outputs.device)
+        a = attention[b, real]
+        if self.token_selection == "attention":
+            return attention_tokens(a)
+        return select_tokens(
+            outputs, a, labels, knn=self.knn, gamma=self.gamma, penalty_gamma=self.penalty_gamma,
+            mmd_scale=self.mmd_scale, modalities=self._modalities,
+        )
+
+    # ------------------------------------------------------------------ pruning
+
+    def compress_modules(self):
+        start = time.perf_counter()
+        for module in list(self._sq_sums):
+            name = self._module_names[module].rstrip(".")
+            count = int(self._selected[module].sum())
+            norm = torch.sqrt(self._sq_sums.pop(module) / max(count, 1))
+            sparsity = self._layer_sparsity.get(name, self._module_sparsities[module])
+            with torch.no_grad(), align_module_device(module):
+                weight = module.weight.data
+                mask = prune_mask(weight, norm.to(weight.device), sparsity, self._prune_n, self._prune_m)
+                update_offload_parameter(module, "weight", weight.masked_fill(mask, 0))
+            selected, seen = self._selected.pop(module).tolist(), self._seen.pop(module).tolist()
+            self._layers_report[name] = {
+                "sparsity": None if self._prune_n else float(sparsity),
+                "mask_structure": self.mask_structure,
+                "selected": dict(zip(self._modalities, selected)),
+                "tokens": dict(zip(self._modalities, seen)),
+                "share": sum(selected) / max(sum(seen), 1),
+            }
+        self._seconds["pruning"] += time.perf_counter() - start
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        if self._pending:
+            raise RuntimeError(f"attention never arrived for blocks {sorted(self._pending)}")
+        self._attention.clear()
+        super().on_sequential_epoch_end(state, event, **kwargs)
+
+    def _report(self, model: torch.nn.Module) -> None:
+        if not self._layers_report:
+            return
+        totals = {m: [0, 0] for m in self._modalities}
+        for layer in self._layers_report.values():
+            for m in self._modalities:
+                totals[m][0] += layer["selected"][m]
+                totals[m][1] += layer["tokens"][m]
+        share = {m: (s / t if t else None) for m, (s, t) in totals.items()}
+        attach_report(model, "amia", {
+            "method": "AdaptiveInputActivation",
+            "token_selection": self.token_selection,
+            "mask_structure": self.mask_structure,
+            "settings": {"knn": self.knn, "gamma": self.gamma, "penalty_gamma": self.penalty_gamma,
+                         "mmd_scale": self.mmd_scale, "random_tokens": self.random_tokens, "seed": self.seed},
+            "from_das": bool(self._layer_sparsity),
+            "selected_share": share,
+            "seconds": dict(self._seconds),
+            "layers": self._layers_report,
+        })
+        text = ", ".join(f"{m} {s:.1%}" for m, s in share.items() if s is not None)
+        logger.info(f"AdaptiveInputActivation ({self.token_selection}): share of tokens selected: {text}; "
+                    f"selection {self._seconds['selection']:.1f} s, pruning {self._seconds['pruning']:.1f} s")

@@ -1,0 +1,134 @@
+"""Which tokens count in a layer's activation norm (TAMP's AMIA selection).
+
+For one sample and one Linear, in the Linear's output space (unit-normalised
+outputs ``z``, distances ``d_ij = 1 - <z_i, z_j>``, kernel ``K = exp(-gamma d)``):
+
+1. each token's ``knn`` nearest other tokens by ``d``;
+2. attention propagated once to neighbours:
+   ``g_i = a_i + sum_{j in kNN(i)} K_ij a_j``;
+3. greedy: take the unselected token with the largest ``g``; lower its
+   neighbours' ``g`` by ``exp(-penalty_gamma d_ij) * max(g_i, 0)``; stop when
+   the selected set C' represents all tokens C well enough:
+   ``MMD(C, C') < mmd_scale * sqrt(s)``, with ``s`` this sample's diversity of
+   the outputs and ``MMD = A(C,C) + A(C',C') - 2 A(C,C')``, ``A`` the mean of
+   ``K`` over the pairs (diagonals included).
+
+After the N x N kernel, the loop costs O(|C'| N): ``A(C, C')`` and
+``A(C', C')`` come from running sums, never recomputed over C' x C'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tamp_modifier.diversity import modality_diversity
+
+__all__ = ["attention_tokens", "random_tokens", "select_tokens"]
+
+
+def _kernel_and_neighbours(outputs: torch.Tensor, knn: int, gamma: float):
+    z = F.normalize(outputs.float(), dim=-1)
+    dist = 1 - z @ z.T
+    kernel = torch.exp(-gamma * dist)
+    n = dist.shape[0]
+    k = min(knn, n - 1)
+    if k == 0:
+        return dist, kernel, None
+    masked = dist.clone()
+    masked.fill_diagonal_(math.inf)  # a token is not its own neighbour
+    # A stable sort sends ties (identical tokens) to the lowest index, so the
+    # selection is reproducible; topk leaves tie order unspecified.
+    neighbours = torch.sort(masked, dim=1, stable=True).indices[:, :k]
+    return dist, kernel, neighbours
+
+
+def select_tokens(
+    outputs: torch.Tensor,
+    attention: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    knn: int = 3,
+    gamma: float = 1.0,
+    penalty_gamma: float = 0.2,
+    mmd_scale: float = 0.1,
+    modalities: list[str] | None = None,
+) -> torch.Tensor:
+    """Indices of the tokens AMIA selects for one sample, in selection order.
+
+    :param outputs: ``[N, d]`` the Linear's output tokens (padding removed)
+    :param attention: ``[N]`` attention of the last query to each token,
+        averaged over heads
+    :param labels: ``[N]`` modality per token (0 text, k the k-th other
+        modality); used for the sample's diversity ``s``
+    :param modalities: names per label, only for the diversity terms
+    :return: ``LongTensor`` of selected indices; at least one. Ties (in ``g``,
+        and among equally near neighbours) go to the lowest index. The loop
+        also ends when ``s`` is undefined, non-finite or ``<= 0`` (all tokens
+        alike), or when every token is selected.
+
+    Example::
+
+        >>> idx = select_tokens(out, attn, labels)   # e.g. tensor([17, 3, 40])
+    """
+    n = outputs.shape[0]
+    if n == 0:
+        raise ValueError("select_tokens needs at least one token")
+    if attention.shape != (n,) or labels.shape != (n,):
+        raise ValueError(
+            f"outputs [N, d], attention [N] and labels [N] must agree; got "
+            f"{tuple(outputs.shape)}, {tuple(attention.shape)}, {tuple(labels.shape)}"
+        )
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=outputs.device)
+
+    dist, kernel, neighbours = _kernel_and_neighbours(outputs, knn, gamma)
+    attention = attention.float()
+    g = attention.clone()
+    if neighbours is not None:
+        g += (kernel.gather(1, neighbours) * attention[neighbours]).sum(1)
+    penalty = torch.exp(-penalty_gamma * dist)
+
+    # s <= 0 means every token is alike (threshold 0): one token represents them
+    # all, and waiting for MMD < 0 would select everything on rounding noise.
+    s = modality_diversity(outputs, labels, modalities)["score"]
+    threshold = mmd_scale * math.sqrt(s) if math.isfinite(s) and s > 0 else None
+
+    row_sums = kernel.sum(1)
+    a_cc = row_sums.sum().item() / (n * n)
+    to_selected = torch.zeros(n, dtype=torch.float32, device=outputs.device)  # sum_{j in C'} K_ij
+    sum_cc_sel = 0.0  # sum over C x C' of K
+    sum_sel_sel = 0.0  # sum over C' x C' of K
+    available = torch.ones(n, dtype=torch.bool, device=outputs.device)
+    order = []
+    while True:
+        i = int(torch.where(available, g, torch.tensor(-math.inf, device=g.device)).argmax())
+        order.append(i)
+        available[i] = False
+        # K is symmetric: the new pairs with C' are to_selected[i] twice, plus K_ii.
+        sum_sel_sel += 2 * to_selected[i].item() + kernel[i, i].item()
+        to_selected += kernel[i]
+        sum_cc_sel += row_sums[i].item()
+        if neighbours is not None:
+            lift = max(g[i].item(), 0.0)
+            g[neighbours[i]] -= penalty[i, neighbours[i]] * lift
+        m = len(order)
+        mmd = a_cc + sum_sel_sel / (m * m) - 2 * sum_cc_sel / (n * m)
+        if threshold is None or m == n or mmd < threshold:
+            break
+    return torch.tensor(order, dtype=torch.long, device=outputs.device)
+
+
+def attention_tokens(attention: torch.Tensor) -> torch.Tensor:
+    """Ablation ``attention``: the tokens attended above uniform (``a_i > 1/N``)."""
+    picked = (attention.float() > 1.0 / attention.numel()).nonzero().flatten()
+    # Attention sums to 1 over N tokens, so some token is at least 1/N; if all are
+    # exactly uniform, none is strictly above: keep the most attended one.
+    return picked if picked.numel() else attention.argmax().reshape(1)
+
+
+def random_tokens(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Ablation ``random``: ``count`` distinct tokens (all if fewer), seeded."""
+    return torch.randperm(n, generator=generator)[: min(count, n)]
