@@ -1,6 +1,6 @@
 """``tamp-prune``: run a recipe on a model folder with a calibration set.
 
-    tamp-prune MODEL_DIR --dataset CALIB_DIR --recipe das_wanda --output OUT_DIR
+    tamp-prune MODEL_DIR --dataset CALIB_DIR --recipe tamp --output OUT_DIR
     tamp-prune            # the demo: a small vision-language model, nothing to download
 
 The result is written to a temporary folder beside OUT_DIR and moved into place
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="folder of a transformers model (omit for the demo)")
     p.add_argument(
         "--recipe",
-        default="das_wanda",
+        default="tamp",
         help="recipe YAML file, or the name of a shipped recipe: "
         + ", ".join(sorted(_shipped_recipes())),
     )

@@ -54,22 +54,15 @@ def _modality_sums(
     """Per sample and modality: ``S_m`` ``[B, M, d]``, ``Q_m`` and ``n_m`` ``[B, M]``.
 
     ``outputs`` is ``[B, L, d]``, ``labels`` ``[B, L]``; float32 whatever the
-    model's dtype. Padding goes to a spare bucket that is dropped.
+    model's dtype. A one-hot matmul, not ``index_add_``: on CPU that loops over
+    the tokens one row at a time.
     """
-    batch, length, width = outputs.shape
-    z = F.normalize(outputs.float(), dim=-1).reshape(batch * length, width)
-    buckets = num_modalities + 1
-    spare = torch.where(labels >= 0, labels.long(), num_modalities)
-    index = (spare + torch.arange(batch, device=labels.device).unsqueeze(1) * buckets).flatten()
-    sums = z.new_zeros(batch * buckets, width).index_add_(0, index, z)
-    sq_norms = z.new_zeros(batch * buckets).index_add_(0, index, z.square().sum(-1))
-    counts = torch.bincount(index, minlength=batch * buckets).to(z.dtype)
-    shape = (batch, buckets)
-    return (
-        sums.view(*shape, width)[:, :num_modalities],
-        sq_norms.view(shape)[:, :num_modalities],
-        counts.view(shape)[:, :num_modalities],
-    )
+    z = F.normalize(outputs.float(), dim=-1)
+    present = (labels >= 0).unsqueeze(-1)
+    onehot = F.one_hot(labels.clamp(min=0).long(), num_modalities).to(z.dtype) * present  # [B, L, M]
+    sums = onehot.transpose(1, 2) @ z
+    sq_norms = (onehot * z.square().sum(-1, keepdim=True)).sum(1)
+    return sums, sq_norms, onehot.sum(1)
 
 
 def _terms_from_sums(sums, sq_norms, counts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -224,7 +224,8 @@ class AdaptiveInputActivation(SparsityModifierBase):
             # Same seed, sample and layer: same tokens, in any process and data order.
             layer = zlib.crc32(self._module_names[module].encode())
             seed = (self.seed * 1_000_003 + self._labels.fingerprint(b) * 7_919 + layer) % 2**63
-            return random_tokens(n, self.random_tokens, torch.Generator().manual_seed(seed)).to(outputs.device)
+            generator = torch.Generator().manual_seed(seed)
+            return random_tokens(n, self.random_tokens, generator).to(outputs.device)
         a = attention[b, real]
         if self.token_selection == "attention":
             return attention_tokens(a)
