@@ -231,7 +231,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
             return attention_tokens(a)
         return select_tokens(
             outputs, a, labels, knn=self.knn, gamma=self.gamma, penalty_gamma=self.penalty_gamma,
-            mmd_scale=self.mmd_scale, modalities=self._modalities,
+            mmd_scale=self.mmd_scale,
         )
 
     # ------------------------------------------------------------------ pruning
