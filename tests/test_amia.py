@@ -130,7 +130,7 @@ def test_all_tokens_is_plain_wanda(tiny):
     assert differing <= total * 1e-3  # only float ties between the two sums' orders
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next", "qwen2_5_vl"])
 def test_tamp_recipe_end_to_end(tiny, tmp_path, family):
     model, tokenizer, _ = tiny(family)
     data = make_calibration_dataset(model, 4, seed=13)

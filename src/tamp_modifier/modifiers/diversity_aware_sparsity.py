@@ -192,8 +192,6 @@ class DiversityAwareSparsity(Modifier):
         # After each subgraph: stop early on bad data instead of after the last layer.
         if self._labels and not self._checked_modalities:
             self._check_modalities_seen()
-        for acc in self._accumulators.values():
-            acc.flush()  # this subgraph's samples: bounded memory, early checks
         bad = [
             n
             for n, acc in self._accumulators.items()
