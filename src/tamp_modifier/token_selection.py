@@ -30,24 +30,26 @@ __all__ = ["attention_tokens", "random_tokens", "select_tokens"]
 
 
 def _kernel_and_neighbours(outputs: torch.Tensor, knn: int, gamma: float):
+    """Kernel ``K = exp(-gamma d)``, each token's ``knn`` nearest others, their ``d``."""
     z = F.normalize(outputs.float(), dim=-1)
-    dist = 1 - z @ z.T
-    kernel = torch.exp(-gamma * dist)
-    n = dist.shape[0]
+    similarity = z @ z.T  # d = 1 - similarity
+    kernel = torch.exp(similarity * gamma - gamma)
+    n = similarity.shape[0]
     k = min(knn, n - 1)
     if k == 0:
-        return dist, kernel, None
-    masked = dist.clone()
-    masked.fill_diagonal_(math.inf)  # a token is not its own neighbour
+        return kernel, None, None
+    similarity.fill_diagonal_(-math.inf)  # a token is not its own neighbour
     # Ties at the k-th place (identical tokens) go to the lowest index, so the
     # selection is reproducible; topk leaves that open, so rows with such a tie
     # take a stable sort (rare: the sort costs ~10x topk).
-    values, neighbours = torch.topk(masked, min(k + 1, n), dim=1, largest=False)
-    tied = (values[:, k - 1] == values[:, k]).nonzero().flatten() if k < n else values.new_zeros(0)
+    values, neighbours = torch.topk(similarity, min(k + 1, n - 1), dim=1)
     neighbours = neighbours[:, :k]
-    if tied.numel():
-        neighbours[tied] = torch.sort(masked[tied], dim=1, stable=True).indices[:, :k]
-    return dist, kernel, neighbours
+    if k < n - 1:
+        tied = (values[:, k - 1] == values[:, k]).nonzero().flatten()
+        if tied.numel():
+            order = torch.sort(similarity[tied], dim=1, descending=True, stable=True).indices
+            neighbours[tied] = order[:, :k]
+    return kernel, neighbours, 1 - similarity.gather(1, neighbours)
 
 
 def select_tokens(
@@ -87,35 +89,36 @@ def select_tokens(
     if n == 1:
         return torch.zeros(1, dtype=torch.long, device=outputs.device)
 
-    dist, kernel, neighbours = _kernel_and_neighbours(outputs, knn, gamma)
+    kernel, neighbours, near = _kernel_and_neighbours(outputs, knn, gamma)
     attention = attention.float()
     g = attention.clone()
     if neighbours is not None:
-        g += (kernel.gather(1, neighbours) * attention[neighbours]).sum(1)
+        g += (torch.exp(-gamma * near) * attention[neighbours]).sum(1)
+        penalty = torch.exp(-penalty_gamma * near)
 
     # s <= 0 means every token is alike (threshold 0): one token represents them
     # all, and waiting for MMD < 0 would select everything on rounding noise.
-    s = sample_score(outputs, labels, int(labels.max()) + 1 if n else 1)
+    s = sample_score(outputs, labels, int(labels.max()) + 1)
     threshold = mmd_scale * math.sqrt(s) if math.isfinite(s) and s > 0 else None
 
     row_sums = kernel.sum(1)
     a_cc = row_sums.sum().item() / (n * n)
+    row_sums, self_kernel = row_sums.tolist(), kernel.diagonal().tolist()
     to_selected = torch.zeros(n, dtype=torch.float32, device=outputs.device)  # sum_{j in C'} K_ij
     sum_cc_sel = 0.0  # sum over C x C' of K
     sum_sel_sel = 0.0  # sum over C' x C' of K
-    available = torch.ones(n, dtype=torch.bool, device=outputs.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=outputs.device)
     order = []
     while True:
-        i = int(torch.where(available, g, torch.tensor(-math.inf, device=g.device)).argmax())
+        i = int(g.masked_fill(taken, -math.inf).argmax())
         order.append(i)
-        available[i] = False
+        taken[i] = True
         # K is symmetric: the new pairs with C' are to_selected[i] twice, plus K_ii.
-        sum_sel_sel += 2 * to_selected[i].item() + kernel[i, i].item()
+        sum_sel_sel += 2 * to_selected[i].item() + self_kernel[i]
         to_selected += kernel[i]
-        sum_cc_sel += row_sums[i].item()
+        sum_cc_sel += row_sums[i]
         if neighbours is not None:
-            lift = max(g[i].item(), 0.0)
-            g[neighbours[i]] -= torch.exp(-penalty_gamma * dist[i, neighbours[i]]) * lift
+            g[neighbours[i]] -= penalty[i] * max(g[i].item(), 0.0)
         m = len(order)
         mmd = a_cc + sum_sel_sel / (m * m) - 2 * sum_cc_sel / (n * m)
         if threshold is None or m == n or mmd < threshold:

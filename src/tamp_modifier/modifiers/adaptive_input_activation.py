@@ -206,14 +206,18 @@ class AdaptiveInputActivation(SparsityModifierBase):
             self._selected[module] = torch.zeros(len(self._modalities), dtype=torch.long)
             self._seen[module] = torch.zeros(len(self._modalities), dtype=torch.long)
         start = time.perf_counter()
+        m = len(self._modalities)
         for b in range(inputs.shape[0]):
             real = (labels[b] >= 0).nonzero().flatten()
-            chosen = real[self._choose(module, outputs[b, real], attention, labels[b, real], b, real)]
+            padded = len(real) < labels.shape[1]  # else skip copying the real tokens out
+            out, lab = (outputs[b, real], labels[b, real]) if padded else (outputs[b], labels[b])
+            chosen = self._choose(module, out, attention, lab, b, real)
+            if padded:
+                chosen = real[chosen]
             x = inputs[b, chosen].float()
             self._sq_sums[module] += x.square().sum(0)
-            m = len(self._modalities)
             self._selected[module] += torch.bincount(labels[b, chosen].long().cpu(), minlength=m)[:m]
-            self._seen[module] += torch.bincount(labels[b, real].long().cpu(), minlength=m)[:m]
+            self._seen[module] += torch.bincount(lab.long().cpu(), minlength=m)[:m]
         self._seconds["selection"] += time.perf_counter() - start
 
     def _choose(self, module, outputs, attention, labels, b, real) -> torch.Tensor:
