@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DiversityAccumulator", "modality_diversity", "sample_score", "term_names"]
+__all__ = ["DiversityAccumulator", "modality_diversity", "term_names"]
 
 
 def term_names(modalities: Sequence[str]) -> list[tuple[str, str]]:
@@ -119,13 +119,6 @@ class DiversityAccumulator:
         """Mean of the defined terms; NaN when no term is defined."""
         terms = self.terms()
         return sum(terms.values()) / len(terms) if terms else math.nan
-
-
-def sample_score(outputs: torch.Tensor, labels: torch.Tensor, num_modalities: int) -> float:
-    """The layer score of one sample (mean of its defined terms); NaN if none."""
-    terms, defined = _terms_from_sums(*_modality_sums(outputs[None], labels[None], num_modalities))
-    count = int(defined.sum())
-    return float(terms[defined].sum()) / count if count else math.nan
 
 
 def modality_diversity(

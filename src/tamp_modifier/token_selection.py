@@ -24,20 +24,39 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tamp_modifier.diversity import sample_score
-
 __all__ = ["attention_tokens", "random_tokens", "select_tokens"]
 
 
-def _kernel_and_neighbours(outputs: torch.Tensor, knn: int, gamma: float):
-    """Kernel ``K = exp(-gamma d)``, each token's ``knn`` nearest others, their ``d``."""
+def _diversity_from_similarity(similarity: torch.Tensor, labels: torch.Tensor) -> float:
+    """The sample's DAS score (mean of defined intra/inter terms) from ``z z^T``.
+
+    Same formulas as ``tamp_modifier.diversity``: block sums of the similarity
+    matrix are the ``<S_a, S_b>`` there, its diagonal gives ``Q``.
+    """
+    onehot = F.one_hot(labels.long(), int(labels.max()) + 1).to(similarity.dtype)  # [N, M]
+    block = onehot.T @ similarity @ onehot  # <S_a, S_b>
+    sq_norms = onehot.T @ similarity.diagonal()
+    counts = onehot.sum(0)
+    intra_ok = counts >= 2
+    intra = 1 - (block.diagonal() - sq_norms)[intra_ok] / (counts * (counts - 1))[intra_ok]
+    a, b = torch.triu_indices(len(counts), len(counts), offset=1)
+    inter_ok = counts[a] * counts[b] > 0
+    inter = 1 - block[a, b][inter_ok] / (counts[a] * counts[b])[inter_ok]
+    terms = torch.cat([intra, inter])
+    return terms.mean().item() if terms.numel() else math.nan
+
+
+def _kernel_and_neighbours(outputs: torch.Tensor, labels: torch.Tensor, knn: int, gamma: float):
+    """Kernel ``K = exp(-gamma d)``, each token's ``knn`` nearest others, their
+    ``d``, and the sample's diversity ``s``."""
     z = F.normalize(outputs.float(), dim=-1)
     similarity = z @ z.T  # d = 1 - similarity
     kernel = torch.exp(similarity * gamma - gamma)
+    diversity = _diversity_from_similarity(similarity, labels)
     n = similarity.shape[0]
     k = min(knn, n - 1)
     if k == 0:
-        return kernel, None, None
+        return kernel, None, None, diversity
     similarity.fill_diagonal_(-math.inf)  # a token is not its own neighbour
     # Ties at the k-th place (identical tokens) go to the lowest index, so the
     # selection is reproducible; topk leaves that open, so rows with such a tie
@@ -49,7 +68,7 @@ def _kernel_and_neighbours(outputs: torch.Tensor, knn: int, gamma: float):
         if tied.numel():
             order = torch.sort(similarity[tied], dim=1, descending=True, stable=True).indices
             neighbours[tied] = order[:, :k]
-    return kernel, neighbours, 1 - similarity.gather(1, neighbours)
+    return kernel, neighbours, 1 - similarity.gather(1, neighbours), diversity
 
 
 def select_tokens(
@@ -89,7 +108,7 @@ def select_tokens(
     if n == 1:
         return torch.zeros(1, dtype=torch.long, device=outputs.device)
 
-    kernel, neighbours, near = _kernel_and_neighbours(outputs, knn, gamma)
+    kernel, neighbours, near, s = _kernel_and_neighbours(outputs, labels, knn, gamma)
     attention = attention.float()
     g = attention.clone()
     if neighbours is not None:
@@ -98,7 +117,6 @@ def select_tokens(
 
     # s <= 0 means every token is alike (threshold 0): one token represents them
     # all, and waiting for MMD < 0 would select everything on rounding noise.
-    s = sample_score(outputs, labels, int(labels.max()) + 1)
     threshold = mmd_scale * math.sqrt(s) if math.isfinite(s) and s > 0 else None
 
     row_sums = kernel.sum(1)
@@ -107,18 +125,18 @@ def select_tokens(
     to_selected = torch.zeros(n, dtype=torch.float32, device=outputs.device)  # sum_{j in C'} K_ij
     sum_cc_sel = 0.0  # sum over C x C' of K
     sum_sel_sel = 0.0  # sum over C' x C' of K
-    taken = torch.zeros(n, dtype=torch.bool, device=outputs.device)
     order = []
     while True:
-        i = int(g.masked_fill(taken, -math.inf).argmax())
+        i = int(g.argmax())
+        lift = max(g[i].item(), 0.0)
+        g[i] = -math.inf  # taken: never the argmax again (penalties keep it -inf)
         order.append(i)
-        taken[i] = True
         # K is symmetric: the new pairs with C' are to_selected[i] twice, plus K_ii.
         sum_sel_sel += 2 * to_selected[i].item() + self_kernel[i]
         to_selected += kernel[i]
         sum_cc_sel += row_sums[i]
         if neighbours is not None:
-            g[neighbours[i]] -= penalty[i] * max(g[i].item(), 0.0)
+            g[neighbours[i]] -= penalty[i] * lift
         m = len(order)
         mmd = a_cc + sum_sel_sel / (m * m) - 2 * sum_cc_sel / (n * m)
         if threshold is None or m == n or mmd < threshold:
