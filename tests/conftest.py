@@ -104,3 +104,13 @@ def brute_force_scores(model, dataset, modalities: dict[str, list[int]]):
         means = [sum(v) / len(v) for v in terms.values()]
         scores[n] = sum(means) / len(means)
     return scores
+
+
+def assert_reloads_equal(model, folder):
+    """The saved checkpoint reloads with transformers to the in-memory weights."""
+    from transformers import AutoModelForImageTextToText
+
+    mine, theirs = model.state_dict(), AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    assert set(mine) == set(theirs)
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key

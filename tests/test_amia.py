@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RECIPES, language_linears, run_oneshot, zero_fraction
+from conftest import RECIPES, assert_reloads_equal, language_linears, run_oneshot, zero_fraction
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 from test_token_selection import naive_select
-from transformers import AutoModelForImageTextToText
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
 from tamp_modifier.activation_pruning import parse_mask_structure, prune_mask
@@ -143,9 +142,7 @@ def test_tamp_recipe_end_to_end(tiny, tmp_path, family):
         assert selection[name]["sparsity"] == pytest.approx(das[name]["assigned"])
         assert 0 < sum(selection[name]["selected"].values()) <= sum(selection[name]["tokens"].values())
         assert selection[name]["tokens"]["image"] > selection[name]["tokens"]["text"]
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "t")
-    for key, value in reloaded.state_dict().items():
-        assert torch.equal(value, model.state_dict()[key]), key
+    assert_reloads_equal(model, tmp_path / "t")
 
 
 def test_2of4_recipe(tiny, tmp_path):

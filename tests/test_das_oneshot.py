@@ -6,7 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import RECIPES, brute_force_scores, language_linears, run_oneshot, zero_fraction
+from conftest import (
+    RECIPES,
+    assert_reloads_equal,
+    brute_force_scores,
+    language_linears,
+    run_oneshot,
+    zero_fraction,
+)
 from transformers import AutoModelForImageTextToText
 
 import tamp_modifier
@@ -51,11 +58,7 @@ def test_das_wanda_recipe_prunes_each_layer_at_its_ratio(tiny, tmp_path, family)
     assert realized == pytest.approx(0.5, abs=0.01)
     assert zero_fraction(model.lm_head) == 0.0
 
-    reloaded = AutoModelForImageTextToText.from_pretrained(out)
-    mine, theirs = model.state_dict(), reloaded.state_dict()
-    assert set(mine) == set(theirs)
-    for key in mine:
-        assert torch.equal(mine[key], theirs[key]), key
+    assert_reloads_equal(model, out)
 
 
 def test_saved_recipe_reruns_in_a_fresh_process_with_tamp_prune(tiny, tmp_path):

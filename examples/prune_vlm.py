@@ -1,6 +1,12 @@
-"""TAMP's DAS + Wanda at 50% on Qwen2.5-VL with oneshot, then save for vLLM.
+"""Prune a real vision-language checkpoint with a TAMP recipe in oneshot.
 
-    python examples/prune_qwen2_5_vl.py [--model Qwen/Qwen2.5-VL-7B-Instruct]
+    python examples/prune_vlm.py --model Qwen/Qwen2.5-VL-7B-Instruct
+    python examples/prune_vlm.py --model llava-hf/llava-v1.6-mistral-7b-hf
+    python examples/prune_vlm.py --model Qwen/Qwen2-VL-7B-Instruct --recipe recipes/das_wanda.yaml
+
+The same code serves LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL: the calibration
+rows are the processor's own outputs, and the sequential target is the language
+model's decoder layer class (Qwen2_5_VLDecoderLayer, MistralDecoderLayer, ...).
 
 Needs a GPU for a 7B model in reasonable time, and hub access for the weights
 and the calibration images. The pruned checkpoint is a plain dense checkpoint
@@ -16,7 +22,7 @@ from calibration import build_calibration_set
 from llmcompressor import oneshot
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-import tamp_modifier  # noqa: F401  registers DiversityAwareSparsity for the YAML recipe
+import tamp_modifier  # noqa: F401  registers TAMP's modifiers for the YAML recipe
 from tamp_modifier.data import collate_rows
 from tamp_modifier.models import text_decoder_layer_class
 
@@ -24,10 +30,11 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
-parser.add_argument("--recipe", default=str(RECIPES / "das_wanda.yaml"))
+parser.add_argument("--recipe", default=str(RECIPES / "tamp.yaml"))
 parser.add_argument("--samples", type=int, default=128)
-parser.add_argument("--output", default="Qwen2.5-VL-7B-Instruct-TAMP-DAS-50")
+parser.add_argument("--output", help="default: <model name>-TAMP")
 args = parser.parse_args()
+output = args.output or args.model.rstrip("/").split("/")[-1] + "-TAMP"
 
 model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.bfloat16)
 processor = AutoProcessor.from_pretrained(args.model)
@@ -41,6 +48,6 @@ oneshot(
     num_calibration_samples=args.samples,
     max_seq_length=4096,
     data_collator=collate_rows,  # rows already carry the batch dimension
-    sequential_targets=[text_decoder_layer_class(model)],  # Qwen2_5_VLDecoderLayer
-    output_dir=args.output,
+    sequential_targets=[text_decoder_layer_class(model)],
+    output_dir=output,
 )
