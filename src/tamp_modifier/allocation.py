@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from tamp_modifier.validation import one_of
+
 __all__ = [
     "ALLOCATIONS",
     "GRANULARITIES",
@@ -156,8 +158,7 @@ def allocate_sparsity(
         {'a': 0.4, 'b': 0.6}
     """
     check_sparsity_bounds(sparsity, max_delta)
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    one_of("allocation", allocation, ALLOCATIONS)
     if not scores:
         raise ValueError("allocate_sparsity needs at least one layer score")
     if set(scores) != set(sizes):
@@ -187,8 +188,7 @@ def allocate_by_granularity(
     Block-wise: a block's score is the mean of its layers' scores, its size the
     sum of theirs; each layer takes its block's ratio.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    one_of("granularity", granularity, GRANULARITIES)
     if granularity == "layer":
         return allocate_sparsity(scores, sizes, sparsity, allocation, max_delta)
     members: dict[str, list[str]] = {}

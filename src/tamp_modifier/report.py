@@ -10,6 +10,7 @@ llm-compressor writes ``recipe.yaml`` the same way, by wrapping
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -48,7 +49,7 @@ def attach_report(model: torch.nn.Module, section: str, data: dict) -> None:
 
 
 def _with_realized(model: torch.nn.Module, report: dict) -> dict:
-    out = json.loads(json.dumps(report))  # deep copy, and proof it serialises
+    out = copy.deepcopy(report)
     for section in out.values():
         for name, layer in section.get("layers", {}).items():
             try:

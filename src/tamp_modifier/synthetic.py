@@ -11,7 +11,7 @@ Typical offline use with llm-compressor::
     tokenizer = save_tiny_model(model, tmp_dir)  # config on disk: no hub lookup
     ds = make_calibration_dataset(model, 4)
     oneshot(model=model, processor=tokenizer, dataset=ds,
-            data_collator=data_collator,
+            data_collator=collate_rows,
             recipe=WandaPruningModifier(sparsity=0.5, targets=["Linear"],
                                         ignore=TOWER_IGNORE),
             num_calibration_samples=4, shuffle_calibration_samples=False,
@@ -46,7 +46,6 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from tamp_modifier.data import collate_rows
 from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
 
 __all__ = [
@@ -58,7 +57,6 @@ __all__ = [
     "build_tiny_tokenizer",
     "save_tiny_model",
     "make_calibration_dataset",
-    "data_collator",
     "decoder_layer_class",
     "family_of",
     "image_token_id",
@@ -464,7 +462,7 @@ def make_calibration_dataset(
     on ``padding_side``.
 
     The format is torch, so ``model(**ds[i])`` works directly.  For ``oneshot``
-    pass ``data_collator=data_collator`` (the default collator would add a
+    pass ``data_collator=tamp_modifier.data.collate_rows`` (the default collator would add a
     second batch dimension).
     """
     family = family_of(model)
@@ -506,7 +504,3 @@ def make_calibration_dataset(
     ds = Dataset.from_list(rows)
     ds.set_format("torch")
     return ds
-
-
-# Kept under the name the docs above use.
-data_collator = collate_rows

@@ -6,7 +6,7 @@ import time
 import zlib
 
 import torch
-from compressed_tensors.utils import align_module_device, update_offload_parameter
+from compressed_tensors.utils import align_module_device, match_named_modules, update_offload_parameter
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
 from loguru import logger
@@ -17,6 +17,7 @@ from tamp_modifier.modality import resolve_modality_token_ids
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import attach_report
 from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
+from tamp_modifier.validation import one_of
 
 __all__ = ["AdaptiveInputActivation"]
 
@@ -81,9 +82,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
     @field_validator("token_selection")
     @classmethod
     def _check_selection(cls, value: str) -> str:
-        if value not in TOKEN_SELECTIONS:
-            raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {value!r}")
-        return value
+        return one_of("token_selection", value, TOKEN_SELECTIONS)
 
     @field_validator("mask_structure")
     @classmethod
@@ -156,8 +155,6 @@ class AdaptiveInputActivation(SparsityModifierBase):
         return result
 
     def _blocks(self, model: torch.nn.Module) -> list[str]:
-        from compressed_tensors.utils import match_named_modules
-
         return [name for name, _ in match_named_modules(model, self._sequential_targets)]
 
     # ------------------------------------------------------------------ hooks

@@ -29,6 +29,7 @@ from tamp_modifier.modifiers.pruner_bridge import (
 )
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import REPORT_FILE_NAME, attach_report, format_table, load_report
+from tamp_modifier.validation import one_of
 
 __all__ = ["DiversityAwareSparsity"]
 
@@ -101,26 +102,11 @@ class DiversityAwareSparsity(Modifier):
     _checked_modalities: bool = PrivateAttr(default=False)
     _tokens_seen: dict[str, int] | None = PrivateAttr(default=None)
 
-    @field_validator("allocation")
+    @field_validator("allocation", "diversity", "granularity")
     @classmethod
-    def _check_allocation(cls, value: str) -> str:
-        if value not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {value!r}")
-        return value
-
-    @field_validator("diversity")
-    @classmethod
-    def _check_diversity(cls, value: str) -> str:
-        if value not in DIVERSITY_MODES:
-            raise ValueError(f"diversity must be one of {DIVERSITY_MODES}, got {value!r}")
-        return value
-
-    @field_validator("granularity")
-    @classmethod
-    def _check_granularity(cls, value: str) -> str:
-        if value not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {value!r}")
-        return value
+    def _check_choice(cls, value: str, info) -> str:
+        choices = {"allocation": ALLOCATIONS, "diversity": DIVERSITY_MODES, "granularity": GRANULARITIES}
+        return one_of(info.field_name, value, choices[info.field_name])
 
     @field_validator("targets", "ignore", mode="before")
     @classmethod
@@ -207,8 +193,7 @@ class DiversityAwareSparsity(Modifier):
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
         if self.profile is None:
-            self.on_sequential_epoch_end(state, event)
-            self._check_modalities_seen()
+            self.on_sequential_epoch_end(state, event)  # last checks, incl. modalities seen
             layers = self._layer_scores()
         else:
             layers = self._profile_layers()
