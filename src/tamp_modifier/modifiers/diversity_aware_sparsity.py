@@ -193,7 +193,10 @@ class DiversityAwareSparsity(Modifier):
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
         if self.profile is None:
-            self.on_sequential_epoch_end(state, event)  # last checks, incl. modalities seen
+            self.on_sequential_epoch_end(state, event)  # last checks
+            # Counted now, not at the early modality check: padding is only known
+            # once the decoder blocks have run (from their attention masks).
+            self._tokens_seen = self._count_tokens() if self.diversity == "modality" else None
             layers = self._layer_scores()
         else:
             layers = self._profile_layers()
@@ -303,20 +306,23 @@ class DiversityAwareSparsity(Modifier):
         self._checked_modalities = True
         if self.diversity != "modality":
             return
-        self._tokens_seen = dict(zip(self._modalities, self._labels.counts(len(self._modalities))))
-        absent = [m for m, c in self._tokens_seen.items() if c == 0 and m != "text"]
+        seen = self._count_tokens()
+        absent = [m for m, c in seen.items() if c == 0 and m != "text"]
         declared = set(self.modality_token_ids or {})
         if absent and declared & set(absent):
             names = sorted(declared & set(absent))
             raise ValueError(
                 f"modality_token_ids declares {names}, but no token with those ids is in "
-                f"the calibration data ({self._tokens_seen}); fix the ids or remove them"
+                f"the calibration data ({seen}); fix the ids or remove them"
             )
         if len(absent) == len(self._modalities) - 1:
             logger.warning(
                 "DiversityAwareSparsity: the calibration data has no non-text token "
                 f"(looked for {self._token_ids}); layers are scored on text diversity only"
             )
+
+    def _count_tokens(self) -> dict[str, int]:
+        return dict(zip(self._modalities, self._labels.counts(len(self._modalities))))
 
     def _layer_scores(self) -> dict[str, dict]:
         layers = {}
