@@ -21,29 +21,35 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = ["attention_tokens", "random_tokens", "select_tokens"]
 
 
-def _diversity_from_similarity(similarity: torch.Tensor, labels: torch.Tensor) -> float:
-    """The sample's DAS score (mean of defined intra/inter terms) from ``z z^T``.
+def _sample_diversity(z: torch.Tensor, similarity: torch.Tensor, labels: torch.Tensor) -> float:
+    """The sample's DAS score (mean of defined intra/inter terms), ``z`` unit rows.
 
-    Same formulas as ``tamp_modifier.diversity``: block sums of the similarity
-    matrix are the ``<S_a, S_b>`` there, its diagonal gives ``Q``.
+    Same formulas as ``tamp_modifier.diversity``: ``S_a`` sums modality ``a``'s
+    rows of ``z``, ``Q_a`` their squared norms (the diagonal of ``z z^T``). The
+    handful of terms is done in Python floats: this runs once per sample and
+    Linear, where a dozen tiny tensor ops would cost more than the matmuls.
     """
-    onehot = F.one_hot(labels.long(), int(labels.max()) + 1).to(similarity.dtype)  # [N, M]
-    block = onehot.T @ similarity @ onehot  # <S_a, S_b>
-    sq_norms = onehot.T @ similarity.diagonal()
-    counts = onehot.sum(0)
-    intra_ok = counts >= 2
-    intra = 1 - (block.diagonal() - sq_norms)[intra_ok] / (counts * (counts - 1))[intra_ok]
-    a, b = torch.triu_indices(len(counts), len(counts), offset=1)
-    inter_ok = counts[a] * counts[b] > 0
-    inter = 1 - block[a, b][inter_ok] / (counts[a] * counts[b])[inter_ok]
-    terms = torch.cat([intra, inter])
-    return terms.mean().item() if terms.numel() else math.nan
+    onehot = F.one_hot(labels.long(), int(labels.max()) + 1).to(z.dtype)  # [N, M]
+    sums = onehot.T @ z  # S_a
+    block = (sums @ sums.T).tolist()  # <S_a, S_b>
+    sq_norms = (onehot.T @ similarity.diagonal()).tolist()
+    counts = onehot.sum(0).tolist()
+    m = len(counts)
+    terms = [
+        1 - (block[a][a] - sq_norms[a]) / (counts[a] * (counts[a] - 1)) for a in range(m) if counts[a] >= 2
+    ]
+    terms += [
+        1 - block[a][b] / (counts[a] * counts[b])
+        for a in range(m) for b in range(a + 1, m) if counts[a] * counts[b] > 0
+    ]
+    return sum(terms) / len(terms) if terms else math.nan
 
 
 def _kernel_and_neighbours(outputs: torch.Tensor, labels: torch.Tensor, knn: int, gamma: float):
@@ -52,7 +58,7 @@ def _kernel_and_neighbours(outputs: torch.Tensor, labels: torch.Tensor, knn: int
     z = F.normalize(outputs.float(), dim=-1)
     similarity = z @ z.T  # d = 1 - similarity
     kernel = torch.exp(similarity * gamma - gamma)
-    diversity = _diversity_from_similarity(similarity, labels)
+    diversity = _sample_diversity(z, similarity, labels)
     n = similarity.shape[0]
     k = min(knn, n - 1)
     if k == 0:
@@ -109,34 +115,41 @@ def select_tokens(
         return torch.zeros(1, dtype=torch.long, device=outputs.device)
 
     kernel, neighbours, near, s = _kernel_and_neighbours(outputs, labels, knn, gamma)
-    attention = attention.float()
-    g = attention.clone()
-    if neighbours is not None:
-        g += (torch.exp(-gamma * near) * attention[neighbours]).sum(1)
-        penalty = torch.exp(-penalty_gamma * near)
-
     # s <= 0 means every token is alike (threshold 0): one token represents them
     # all, and waiting for MMD < 0 would select everything on rounding noise.
     threshold = mmd_scale * math.sqrt(s) if math.isfinite(s) and s > 0 else None
 
     row_sums = kernel.sum(1)
     a_cc = row_sums.sum().item() / (n * n)
-    row_sums, self_kernel = row_sums.tolist(), kernel.diagonal().tolist()
-    to_selected = torch.zeros(n, dtype=torch.float32, device=outputs.device)  # sum_{j in C'} K_ij
+    # The rest is short, sequential, and on vectors of N (or N x knn): on NumPy an
+    # op costs ~1-3 us where a torch op costs ~10 us, and on a GPU each greedy
+    # step would sync anyway. So those vectors go to the host once, and kernel
+    # rows are read as the loop needs them.
+    g = attention.float().cpu().numpy()
+    if neighbours is not None:
+        neighbours, near = neighbours.cpu().numpy(), near.cpu().numpy()
+        g = g + (np.exp(-gamma * near) * g[neighbours]).sum(1)
+        penalty = np.exp(-penalty_gamma * near)
+    else:
+        g = g.copy()
+    row_sums, self_kernel = row_sums.cpu().numpy(), kernel.diagonal().cpu().numpy()
+    on_host = kernel.device.type == "cpu"
+    kernel_rows = kernel.numpy() if on_host else kernel
+    to_selected = np.zeros(n, dtype=np.float32)  # sum_{j in C'} K_ij
     sum_cc_sel = 0.0  # sum over C x C' of K
     sum_sel_sel = 0.0  # sum over C' x C' of K
     order = []
     while True:
         i = int(g.argmax())
-        lift = max(g[i].item(), 0.0)
-        g[i] = -math.inf  # taken: never the argmax again (penalties keep it -inf)
+        lift = max(float(g[i]), 0.0)
+        g[i] = -np.inf  # taken: never the argmax again (penalties keep it -inf)
         order.append(i)
         # K is symmetric: the new pairs with C' are to_selected[i] twice, plus K_ii.
-        sum_sel_sel += 2 * to_selected[i].item() + self_kernel[i]
-        to_selected += kernel[i]
-        sum_cc_sel += row_sums[i]
+        sum_sel_sel += 2 * float(to_selected[i]) + float(self_kernel[i])
+        to_selected += kernel_rows[i] if on_host else kernel_rows[i].cpu().numpy()
+        sum_cc_sel += float(row_sums[i])
         if neighbours is not None:
-            g[neighbours[i]] -= penalty[i] * lift
+            g[neighbours[i]] -= penalty[i] * np.float32(lift)
         m = len(order)
         mmd = a_cc + sum_sel_sel / (m * m) - 2 * sum_cc_sel / (n * m)
         if threshold is None or m == n or mmd < threshold:
