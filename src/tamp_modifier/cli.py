@@ -1,7 +1,7 @@
 """``tamp-prune``: run a recipe on a model folder with a calibration set.
 
     tamp-prune MODEL_DIR --dataset CALIB_DIR --recipe tamp --output OUT_DIR
-    tamp-prune            # the demo: a small vision-language model, nothing to download
+    tamp-prune            # the demo: prune the shipped demo model, evaluate dense and pruned
 
 The result is written to a temporary folder beside OUT_DIR and moved into place
 only when the whole run succeeded, so a failed run never leaves a half-written
@@ -11,6 +11,7 @@ checkpoint where a good one is expected.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -19,18 +20,18 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+import torch
 import yaml
 
 DEMO_OUTPUT = "tamp-demo-out"
-DEMO_SAMPLES = 32
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tamp-prune",
         description="Prune a multimodal model with an llm-compressor recipe that may use "
-        "TAMP's modifiers. With no MODEL, runs the demo on a small vision-language model "
-        "built locally.",
+        "TAMP's modifiers. With no MODEL, prunes the shipped demo vision-language model and "
+        "compares its accuracy per task before and after.",
     )
     p.add_argument("model", nargs="?", help="folder of a transformers model (omit for the demo)")
     p.add_argument(
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    "whose rows are processor outputs (input_ids [1, L], pixel_values, ...)")
     p.add_argument("--output", help=f"where to write the pruned model (demo: ./{DEMO_OUTPUT})")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--eval-per-family", type=int, default=500,
+                   help="demo only: evaluation questions per task family (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="demo only: calibration set seed")
     p.add_argument("--max-seq-length", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--sequential-targets", nargs="+",
@@ -103,25 +107,68 @@ def _load_processor(folder: str):
         return AutoTokenizer.from_pretrained(folder)
 
 
-def _make_demo(workdir: Path) -> tuple[str, str]:
-    """A small LLaVA model built from a config and a calibration set for it."""
-    from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
+def _demo_inputs(args: argparse.Namespace):
+    """The shipped demo model, its tokenizer as processor, a calibration set, the eval questions."""
+    from tamp_modifier.demo.model import calibration_dataset, load_demo_model
+    from tamp_modifier.demo.tasks import IMAGE_FAMILIES, make_split
 
-    model = build_tiny_model(
-        "llava", hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
-        vocab_size=512, seed=0,
-    )
-    save_tiny_model(model, workdir / "model", weights=True)
-    make_calibration_dataset(model, DEMO_SAMPLES, text_tokens=32, seed=0).save_to_disk(workdir / "calib")
-    return str(workdir / "model"), str(workdir / "calib")
+    model, tokenizer = load_demo_model()
+    per_family = -(-args.num_samples // len(IMAGE_FAMILIES))
+    calibration = make_split("calibration", per_family, args.seed, families=IMAGE_FAMILIES)
+    dataset = calibration_dataset(calibration[: args.num_samples], tokenizer)
+    return model, tokenizer, dataset, make_split("eval", args.eval_per_family)
 
 
-def run(args: argparse.Namespace) -> Path:
+def _prune(model, processor, dataset, recipe: Path, args: argparse.Namespace, staging: Path) -> float:
+    """``oneshot`` with the offline-safe arguments; returns its wall time."""
     from llmcompressor import oneshot
 
     import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
-    from tamp_modifier.data import collate_rows, load_calibration_dataset
+    from tamp_modifier.data import collate_rows
     from tamp_modifier.models import text_decoder_layer_class
+
+    targets = args.sequential_targets or [text_decoder_layer_class(model)]
+    samples = min(args.num_samples, len(dataset))
+    print(f"tamp-prune: {model.name_or_path} ({type(model).__name__}), recipe {recipe}, "
+          f"{samples} calibration samples", flush=True)
+    start = time.perf_counter()
+    oneshot(
+        model=model, processor=processor, dataset=dataset, recipe=str(recipe),
+        num_calibration_samples=samples, max_seq_length=args.max_seq_length,
+        batch_size=args.batch_size, data_collator=collate_rows,
+        sequential_targets=targets, output_dir=str(staging),
+    )
+    return time.perf_counter() - start
+
+
+def _write_demo_report(staging: Path, args, recipe: Path, dense, pruned, seconds: float) -> str:
+    """``report.json`` (accuracies, relative performance, method, sparsity, time); returns the table."""
+    from tamp_modifier.demo.evaluate import format_accuracy_table, relative_performance
+    from tamp_modifier.demo.model import load_demo_model
+    from tamp_modifier.report import realized_sparsity
+
+    pruned_model, _ = load_demo_model(staging)
+    layers = [m for n, m in pruned_model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".language_model.layers." in n]
+    zeros = sum(realized_sparsity(m) * m.weight.numel() for m in layers)
+    report = {
+        "method": recipe.stem,
+        "recipe": str(recipe),
+        "sparsity": zeros / sum(m.weight.numel() for m in layers),
+        "calibration_samples": args.num_samples,
+        "calibration_seed": args.seed,
+        "eval_per_family": args.eval_per_family,
+        "dense_accuracy": dense,
+        "pruned_accuracy": pruned,
+        "relative_performance": relative_performance(pruned, dense),
+        "prune_seconds": round(seconds, 2),
+    }
+    (staging / "report.json").write_text(json.dumps(report, indent=2))
+    return format_accuracy_table(dense, pruned, label=f"{recipe.stem} ({report['sparsity']:.0%} sparse)")
+
+
+def run(args: argparse.Namespace) -> Path:
+    from tamp_modifier.data import load_calibration_dataset
     from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report
 
     demo = args.model is None
@@ -132,26 +179,22 @@ def run(args: argparse.Namespace) -> Path:
     _check_output(output, args.overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
 
+    table = None
     with tempfile.TemporaryDirectory(prefix=".tamp-", dir=output.parent) as scratch:
-        scratch = Path(scratch)
-        model_dir, dataset_dir = (_make_demo(scratch) if demo else (args.model, args.dataset))
-        dataset = load_calibration_dataset(dataset_dir)
-        model = _load_model(model_dir)
-        processor = _load_processor(model_dir)
-        targets = args.sequential_targets or [text_decoder_layer_class(model)]
-        samples = min(args.num_samples, len(dataset))
-        print(f"tamp-prune: {model_dir} ({type(model).__name__}), recipe {recipe}, "
-              f"{samples} calibration samples", flush=True)
+        staging = Path(scratch) / "result"
+        if demo:
+            from tamp_modifier.demo.evaluate import evaluate
 
-        staging = scratch / "result"
-        start = time.perf_counter()
-        oneshot(
-            model=model, processor=processor, dataset=dataset, recipe=str(recipe),
-            num_calibration_samples=samples, max_seq_length=args.max_seq_length,
-            batch_size=args.batch_size, data_collator=collate_rows,
-            sequential_targets=targets, output_dir=str(staging),
-        )
-        seconds = time.perf_counter() - start
+            model, processor, dataset, questions = _demo_inputs(args)
+            print(f"tamp-prune: evaluating the dense demo model on {len(questions)} questions", flush=True)
+            dense = evaluate(model, processor, questions)
+            seconds = _prune(model, processor, dataset, recipe, args, staging)
+            pruned = evaluate(model, processor, questions)
+            table = _write_demo_report(staging, args, recipe, dense, pruned, seconds)
+        else:
+            dataset = load_calibration_dataset(args.dataset)
+            model, processor = _load_model(args.model), _load_processor(args.model)
+            seconds = _prune(model, processor, dataset, recipe, args, staging)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -163,7 +206,11 @@ def run(args: argparse.Namespace) -> Path:
             print(f"{section.get('method', '')} per-layer sparsity:")
             print(format_table(section))
             print()
-    print(f"tamp-prune: done in {seconds:.1f} s; pruned model, recipe.yaml and report in {output}")
+    if table:
+        print("Accuracy per task on held-out questions (relative = pruned / dense x 100):")
+        print(table)
+        print()
+    print(f"tamp-prune: pruned in {seconds:.1f} s; model, recipe.yaml and reports in {output}")
     return output
 
 

@@ -1,0 +1,289 @@
+"""How much of the demo model's ability each pruning method keeps.
+
+Prunes the shipped demo model (``tamp_modifier.demo``) with every method at
+50%, 60%, 70% unstructured and 2:4, with several calibration seeds, evaluates
+each pruned model on the held-out questions (500 per task family by default),
+and writes, into ``--out`` (default ``benchmarks/results``):
+
+    quality.json                 every run: accuracy per task, relative
+                                 performance, wall time, peak memory
+    quality.md                   mean +- std over seeds, per method and setting
+    relative_vs_sparsity.png     relative performance against sparsity (paper Fig. 5)
+    das_layer_sparsity.png       DAS's per-layer sparsity by projection and depth (Figs. 7, 8)
+
+Methods (all prune the language model's Linears; towers, projector, lm_head stay dense):
+
+    magnitude      |W| per output row (no calibration data: one run per setting)
+    wanda          llm-compressor's WandaPruningModifier
+    sparsegpt      llm-compressor's SparseGPTModifier
+    owl            OWL block ratios (tamp_modifier.baselines) handed to Wanda
+    das+wanda      DiversityAwareSparsity, then Wanda at its ratios
+    amia           AdaptiveInputActivation alone (uniform ratio)
+    tamp           DAS + AMIA (at 2:4: AMIA alone, as the tamp_2of4 recipe)
+    das+sparsegpt  DAS, then SparseGPT at its ratios
+
+At 50% to 70% this small model loses almost nothing with any method, so 80% and 90%
+are measured too. DAS and OWL set per-layer ratios, which N:M does not take: at 2:4 they are
+skipped, and ``tamp`` is AMIA with 2:4. Runs go to ``--workers`` processes,
+each on one thread; wall time and peak RSS are per run, inside its process.
+
+    python benchmarks/quality.py                        # all, 3 seeds: ~20 min on 2 cores
+    python benchmarks/quality.py --methods wanda tamp --settings 0.5 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "owl", "das+wanda", "amia", "tamp", "das+sparsegpt")
+SETTINGS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
+RATIO_METHODS = ("owl", "das+wanda", "das+sparsegpt")  # per-layer ratios: not with N:M
+
+
+def _peak_rss_reset() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _recipe(method: str, setting: str):
+    """Modifier objects for one method and setting (no YAML needed here)."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
+    from tamp_modifier.models import TOWER_IGNORE
+
+    common = dict(targets=["Linear"], ignore=list(TOWER_IGNORE))
+    if setting == "2:4":
+        common["mask_structure"] = "2:4"
+    else:
+        common["sparsity"] = float(setting)
+    # DAS keeps every layer below sparsity + max_delta < 1: at 90% the default 0.1 would not fit.
+    das = DiversityAwareSparsity(max_delta=0.1 if setting == "2:4" else min(0.1, (1 - float(setting)) / 2))
+    pruner = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier, "amia": AdaptiveInputActivation}
+    if method in pruner:
+        return [pruner[method](**common)]
+    if method == "tamp":
+        return [AdaptiveInputActivation(**common)] if setting == "2:4" else [
+            das, AdaptiveInputActivation(**common)]
+    if method in ("das+wanda", "das+sparsegpt"):
+        return [das, pruner[method.split("+")[1]](**common)]
+    raise ValueError(method)
+
+
+def _owl_recipe(model, dataset, sparsity: float):
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    from tamp_modifier.baselines import input_channel_norms, outlier_ratios, owl_sparsities, owl_sparsity_list
+    from tamp_modifier.models import TOWER_IGNORE
+
+    norms = input_channel_norms(model, list(dataset))
+    blocks = [f"model.language_model.layers.{i}" for i in range(model.config.text_config.num_hidden_layers)]
+    ratios = owl_sparsities(outlier_ratios(model, norms, blocks), sparsity)
+    return [WandaPruningModifier(sparsity=owl_sparsity_list(model, ratios), targets=["Linear"],
+                                 ignore=list(TOWER_IGNORE))], ratios
+
+
+def run_one(job: dict) -> dict:
+    """Prune a fresh demo model with one method/setting/seed and evaluate it (in a worker)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from llmcompressor import oneshot
+
+    import tamp_modifier  # noqa: F401
+    from tamp_modifier.baselines import magnitude_prune
+    from tamp_modifier.data import collate_rows
+    from tamp_modifier.demo.evaluate import evaluate
+    from tamp_modifier.demo.model import calibration_dataset, load_demo_model
+    from tamp_modifier.demo.tasks import IMAGE_FAMILIES, make_split
+    from tamp_modifier.report import _ATTR
+
+    method, setting, seed = job["method"], job["setting"], job["seed"]
+    model, tokenizer = load_demo_model()
+    per_family = -(-job["samples"] // len(IMAGE_FAMILIES))
+    calibration = make_split("calibration", per_family, seed, families=IMAGE_FAMILIES)[: job["samples"]]
+    dataset = calibration_dataset(calibration, tokenizer)
+    _peak_rss_reset()
+    start = time.perf_counter()
+    extra = {}
+    if method == "magnitude":
+        structure = "2:4" if setting == "2:4" else "0:0"
+        magnitude_prune(model, 0.5 if setting == "2:4" else float(setting), mask_structure=structure)
+    else:
+        if method == "owl":
+            recipe, extra["owl_block_sparsity"] = _owl_recipe(model, dataset, float(setting))
+        else:
+            recipe = _recipe(method, setting)
+        oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe,
+                num_calibration_samples=len(dataset), shuffle_calibration_samples=False,
+                max_seq_length=4096, data_collator=collate_rows, sequential_targets=["LlamaDecoderLayer"])
+    seconds = time.perf_counter() - start
+    peak = _peak_rss_mib()
+    das = model.__dict__.get(_ATTR, {}).get("das")
+    if das:
+        extra["das_layer_sparsity"] = {n: layer["assigned"] for n, layer in das["layers"].items()}
+    linears = [m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".language_model.layers." in n]
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    accuracy = evaluate(model, tokenizer, make_split("eval", job["eval_per_family"]))
+    return {**job, "accuracy": accuracy, "seconds": round(seconds, 2), "peak_rss_mib": round(peak),
+            "sparsity": zeros / sum(m.weight.numel() for m in linears), **extra}
+
+
+def dense_accuracy(eval_per_family: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from tamp_modifier.demo.evaluate import evaluate
+    from tamp_modifier.demo.model import load_demo_model
+    from tamp_modifier.demo.tasks import make_split
+
+    model, tokenizer = load_demo_model()
+    return evaluate(model, tokenizer, make_split("eval", eval_per_family))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], dense: dict) -> list[dict]:
+    """One row per (setting, method): mean and std over seeds of each figure."""
+    from tamp_modifier.demo.evaluate import relative_performance
+
+    rows = []
+    for setting in SETTINGS:
+        for method in METHODS:
+            group = [r for r in runs if r["method"] == method and r["setting"] == setting]
+            if not group:
+                continue
+            rel = [relative_performance(r["accuracy"], dense)["mean"] for r in group]
+            row = {"setting": setting, "method": method, "seeds": len(group), "relative": _mean_std(rel),
+                   "seconds": _mean_std([r["seconds"] for r in group]),
+                   "peak_rss_mib": max(r["peak_rss_mib"] for r in group),
+                   "sparsity": statistics.fmean(r["sparsity"] for r in group)}
+            row["accuracy"] = {f: _mean_std([r["accuracy"][f] for r in group]) for f in dense}
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], dense: dict) -> str:
+    families = list(dense)
+    head = ("| setting | method | " + " | ".join(families)
+            + " | relative perf. | time (s) | peak RSS (MiB) |")
+    lines = [head, "|---|---|" + "---:|" * (len(families) + 3)]
+    lines.append("| dense | - | " + " | ".join(f"{dense[f]:.1%}" for f in families) + " | 100.0 | - | - |")
+    best = {}
+    for r in rows:
+        best[r["setting"]] = max(best.get(r["setting"], 0.0), r["relative"][0])
+    for r in rows:
+        acc = " | ".join(f"{r['accuracy'][f][0]:.1%}" for f in families)
+        rel = f"{r['relative'][0]:.1f} ± {r['relative'][1]:.1f}"
+        if r["relative"][0] == best[r["setting"]]:
+            rel = f"**{rel}**"
+        lines.append(f"| {r['setting']} | {r['method']} | {acc} | {rel} | {r['seconds'][0]:.1f} | "
+                     f"{r['peak_rss_mib']} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method in METHODS:
+        pts = [r for r in rows if r["method"] == method and r["setting"] != "2:4"]
+        if pts:
+            x = [float(r["setting"]) * 100 for r in pts]
+            ax.errorbar(x, [r["relative"][0] for r in pts], yerr=[r["relative"][1] for r in pts],
+                        marker="o", capsize=3, label=method, linewidth=2.2 if method == "tamp" else 1.2)
+    ax.set_xlabel("sparsity of the language model (%)")
+    ax.set_ylabel("relative performance (pruned / dense x 100)")
+    ax.set_title("Demo model: relative performance against sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "relative_vs_sparsity.png", dpi=120)
+    plt.close(fig)
+
+    das = next((r["das_layer_sparsity"] for r in runs
+                if r.get("das_layer_sparsity") and r["setting"] == "0.5"), None)
+    if not das:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    kinds = sorted({n.rsplit(".", 1)[1] for n in das})
+    for kind in kinds:
+        pts = sorted((int(n.split(".layers.")[1].split(".")[0]), s) for n, s in das.items()
+                     if n.endswith("." + kind))
+        ax.plot([p[0] for p in pts], [p[1] * 100 for p in pts], marker="o", label=kind)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("assigned sparsity (%)")
+    ax.set_title("DAS per-layer sparsity at 50% (calibration seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "das_layer_sparsity.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--samples", type=int, default=128, help="calibration samples per run")
+    p.add_argument("--eval-per-family", type=int, default=500)
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+
+    jobs = []
+    for setting in args.settings:
+        for method in args.methods:
+            if setting == "2:4" and method in RATIO_METHODS:
+                continue
+            for seed in (args.seeds[:1] if method == "magnitude" else args.seeds):
+                jobs.append({"method": method, "setting": setting, "seed": seed, "samples": args.samples,
+                             "eval_per_family": args.eval_per_family})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(args.workers) as pool:
+        dense_job = pool.apply_async(dense_accuracy, (args.eval_per_family,))
+        runs = []
+        for i, run in enumerate(pool.imap_unordered(run_one, jobs), 1):
+            runs.append(run)
+            print(f"[{i}/{len(jobs)}] {run['method']} {run['setting']} seed {run['seed']}: "
+                  + ", ".join(f"{f} {a:.0%}" for f, a in run["accuracy"].items())
+                  + f" ({run['seconds']:.1f} s)", flush=True)
+        dense = dense_job.get()
+    rows = summarize(runs, dense)
+    table = markdown(rows, dense)
+    (out / "quality.json").write_text(json.dumps(
+        {"dense_accuracy": dense, "settings": vars(args), "summary": rows, "runs": runs}, indent=1))
+    (out / "quality.md").write_text(table + "\n")
+    plot(rows, runs, out)
+    print(table)
+    print(f"\n{len(jobs)} runs in {time.perf_counter() - start:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Accuracy per task family, and relative performance (pruned / dense x 100)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from tamp_modifier.demo.model import prompt_batch
+from tamp_modifier.demo.tasks import FAMILIES, Question
+
+__all__ = ["answer_questions", "evaluate", "relative_performance", "format_accuracy_table"]
+
+
+@torch.no_grad()
+def answer_questions(model, tokenizer, questions: list[Question], batch_size: int = 64) -> list[str]:
+    """The model's greedy next word after each prompt (over the whole vocabulary)."""
+    device = next(model.parameters()).device
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        batch = prompt_batch(questions[start : start + batch_size], tokenizer)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**batch, logits_to_keep=1).logits[:, -1]
+        answers += tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+    return answers
+
+
+def evaluate(model, tokenizer, questions: list[Question], batch_size: int = 64) -> dict[str, float]:
+    """Share of questions answered exactly right, per family (in ``FAMILIES`` order)."""
+    right, total = defaultdict(int), defaultdict(int)
+    for q, a in zip(questions, answer_questions(model, tokenizer, questions, batch_size)):
+        total[q.family] += 1
+        right[q.family] += a == q.answer
+    return {f: right[f] / total[f] for f in FAMILIES if total[f]}
+
+
+def relative_performance(pruned: dict[str, float], dense: dict[str, float]) -> dict[str, float | None]:
+    """Per family ``100 * pruned / dense``, and their mean under ``"mean"`` (the paper's measure).
+
+    A family the dense model never answers right has no relative figure (None)
+    and stays out of the mean.
+    """
+    missing = set(dense) - set(pruned)
+    if missing:
+        raise ValueError(f"pruned accuracies lack families {sorted(missing)}")
+    rel = {f: 100.0 * pruned[f] / dense[f] if dense[f] > 0 else None for f in dense}
+    defined = [v for v in rel.values() if v is not None]
+    rel["mean"] = sum(defined) / len(defined) if defined else None
+    return rel
+
+
+def format_accuracy_table(dense: dict[str, float], pruned: dict[str, float], label: str = "pruned") -> str:
+    """Markdown table: accuracy per family, dense and pruned, and relative performance."""
+    rel = relative_performance(pruned, dense)
+    lines = [f"| task | dense | {label} | relative |", "|---|---:|---:|---:|"]
+    def show(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    for f in dense:
+        lines.append(f"| {f} | {dense[f]:.1%} | {pruned[f]:.1%} | {show(rel[f])} |")
+    mean_dense = sum(dense.values()) / len(dense)
+    mean_pruned = sum(pruned[f] for f in dense) / len(dense)
+    lines.append(f"| **mean** | {mean_dense:.1%} | {mean_pruned:.1%} | **{show(rel['mean'])}** |")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""The demo model: a small LLaVA (CLIP tower, MLP projector, Llama with GQA),
+its word-level tokenizer, and how questions become model inputs.
+
+Sizes: vision 64 x 64 images in 8-pixel patches (64 image tokens, CLS dropped
+as in LLaVA), width 128, 3 layers; language model width 192, 6 layers, 6 query
+/ 2 key-value heads, MLP 512. About 3.1M parameters, 12 MB in float32. A prompt
+is ``<s> <image> x 64 question-words`` (text-only: no image tokens), so image
+tokens outnumber text tokens about 8 to 1, as in real LLaVA prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+)
+
+from tamp_modifier.demo.tasks import CELL, IMAGE_SIZE, Question, vocabulary
+
+__all__ = [
+    "IMAGE_TOKENS",
+    "SPECIAL_TOKENS",
+    "build_demo_model",
+    "build_demo_tokenizer",
+    "calibration_dataset",
+    "demo_model_path",
+    "encode_prompt",
+    "load_demo_model",
+    "pixel_values",
+    "prompt_batch",
+]
+
+IMAGE_TOKENS = (IMAGE_SIZE // CELL) ** 2
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = range(4)
+
+
+def build_demo_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the task suite's words (ids fixed by ``vocabulary()``)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        unk_token="<pad>", extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+
+
+def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
+    """The untrained demo model (eager attention, float32), seeded."""
+    vocab_size = 64
+    if len(SPECIAL_TOKENS) + len(vocabulary()) > vocab_size:
+        raise ValueError("the task vocabulary outgrew the demo model's embedding table")
+    vision = CLIPVisionConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=128,
+    )
+    text = LlamaConfig(
+        hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE_ID, image_seq_length=IMAGE_TOKENS,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        pad_token_id=PAD_ID,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def encode_prompt(question: Question, tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Token ids of ``question``'s prompt, image placeholders expanded."""
+    words = tokenizer(question.prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.pad_token_id in words:
+        raise ValueError(f"prompt {question.prompt!r} has words outside the demo vocabulary")
+    image = [IMAGE_ID] * IMAGE_TOKENS if question.image is not None else []
+    return [BOS_ID, *image, *words]
+
+
+def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
+    """``[B, 3, 64, 64]`` float32 in [-1, 1] from uint8 ``[64, 64, 3]`` images."""
+    array = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def prompt_batch(questions: list[Question], tokenizer, *, with_answers: bool = False) -> dict:
+    """Left-padded model inputs for ``questions`` (the next token after each
+    prompt is its answer); ``with_answers`` appends the answers as last token."""
+    rows = [encode_prompt(q, tokenizer) for q in questions]
+    if with_answers:
+        rows = [r + [tokenizer.convert_tokens_to_ids(q.answer)] for r, q in zip(rows, questions)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    images = [q.image for q in questions if q.image is not None]
+    if images:
+        batch["pixel_values"] = pixel_values(images)
+    return batch
+
+
+def calibration_dataset(questions: list[Question], tokenizer):
+    """An llm-compressor calibration set: one row per image question, prompt and
+    answer, with the batch dimension the processor would give (``[1, L]``).
+
+    Text-only questions are left out: rows must share columns, and multimodal
+    calibration data is what the methods are meant for (as in the paper).
+    """
+    from datasets import Dataset
+
+    rows = [prompt_batch([q], tokenizer, with_answers=True) for q in questions if q.image is not None]
+    if not rows:
+        raise ValueError("the calibration set needs image questions")
+    return Dataset.from_dict({k: [r[k].numpy() for r in rows] for k in rows[0]}).with_format("torch")
+
+
+def demo_model_path() -> Path:
+    """Folder of the shipped, trained demo model (config, weights, tokenizer)."""
+    return Path(str(resources.files("tamp_modifier.demo") / "weights"))
+
+
+def load_demo_model(path: str | os.PathLike | None = None):
+    """``(model, tokenizer)`` of the trained demo model (shipped one by default)."""
+    path = Path(path) if path is not None else demo_model_path()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no demo model at {path}: train one with `python -m tamp_modifier.demo.train --output {path}`"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,174 @@
+"""The demo task suite, the shipped demo model, its evaluator, and the main job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tamp_modifier.demo.evaluate import answer_questions, evaluate, relative_performance
+from tamp_modifier.demo.model import IMAGE_ID, demo_model_path, load_demo_model, prompt_batch
+from tamp_modifier.demo.tasks import (
+    CELL,
+    COLOURS,
+    FAMILIES,
+    NUMBERS,
+    SHAPE_MASKS,
+    Scene,
+    draw_digit,
+    draw_scene,
+    make_split,
+)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo_model()
+
+
+# ---------------------------------------------------------------- generator
+
+
+def test_splits_are_seeded_and_distinct():
+    a, b = make_split("eval", 20, seed=3), make_split("eval", 20, seed=3)
+    assert a == b
+    assert [q.family for q in a[:6]] == list(FAMILIES)
+    other = make_split("calibration", 20, seed=3)
+    images = {q.image.tobytes() for q in a if q.image is not None}
+    assert not images & {q.image.tobytes() for q in other if q.image is not None}
+    assert make_split("eval", 20, seed=4) != a
+
+
+def _cells(image):
+    """Per cell: (row, col, RGB of its ink or None, 6x6 ink stamp)."""
+    for row in range(8):
+        for col in range(8):
+            cell = image[row * CELL : (row + 1) * CELL, col * CELL : (col + 1) * CELL]
+            ink = cell.any(-1)
+            if ink.any():
+                yield row, col, tuple(int(v) for v in cell[ink][0]), ink[1:7, 1:7]
+
+
+def _objects_from_pixels(image):
+    """Read colour and shape names back from the pixels alone."""
+    names = {rgb: name for name, rgb in COLOURS.items()}
+    found = []
+    for row, col, rgb, stamp in _cells(image):
+        shape = next(s for s, m in SHAPE_MASKS.items() if np.array_equal(stamp, m))
+        found.append((row, col, names[rgb], shape))
+    return found
+
+
+def test_answers_agree_with_the_pixels():
+    for q in make_split("eval", 60, seed=1):
+        words = q.prompt.split()
+        if q.family in ("colour", "shape", "count", "position"):
+            objects = _objects_from_pixels(q.image)
+        if q.family == "count":
+            assert NUMBERS[len(objects)] == q.answer
+        elif q.family == "colour":
+            ((_, _, colour, _),) = objects  # one object
+            assert colour == q.answer
+        elif q.family == "shape":
+            ((_, _, _, shape),) = objects
+            assert shape == q.answer
+        elif q.family == "position":
+            ((row, col, _, _),) = objects
+            side, height = ("left" if col < 4 else "right"), ("top" if row < 4 else "bottom")
+            assert q.answer == (side if "left" in words else height)
+        elif q.family == "text":
+            numbers = [NUMBERS.index(w) for w in words if w in NUMBERS]
+            if "plus" in words:
+                assert NUMBERS.index(q.answer) == numbers[0] + numbers[1]
+            elif "after" in words:
+                assert NUMBERS.index(q.answer) == numbers[0] + 1
+            else:
+                assert NUMBERS.index(q.answer) == numbers[0] - 1
+            assert q.image is None
+
+
+def test_known_images():
+    scene = Scene(((0, 0, "red", "square"), (7, 7, "blue", "cross")))
+    image = draw_scene(scene)
+    assert (image[1:7, 1:7] == COLOURS["red"]).all() and not image[0].any() and not image[:, 0].any()
+    assert tuple(image[7 * 8 + 3, 7 * 8 + 1]) == COLOURS["blue"]  # the cross's arm reaches the cell edge
+    assert not image[7 * 8 + 1, 7 * 8 + 1].any()  # but not its corner
+    seven = draw_digit("7", 0, 0, "green")
+    assert (seven[1:4, 1:16] == COLOURS["green"]).all()  # the 7's top bar: 5 font pixels x 3
+    assert not seven[4:7, 1:13].any() and (seven[4:7, 13:16] == COLOURS["green"]).all()
+
+
+# ---------------------------------------------------------------- model and evaluator
+
+
+def test_prompts_put_image_tokens_first_and_pad_left(demo):
+    _, tokenizer = demo
+    questions = make_split("eval", 1)
+    batch = prompt_batch(questions, tokenizer)
+    assert batch["pixel_values"].shape == (5, 3, 64, 64)
+    assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == [64] * 5 + [0]
+    text_row = batch["input_ids"][-1]
+    assert (batch["attention_mask"][-1] == 0).sum() > 0 and batch["attention_mask"][-1, -1] == 1
+    assert text_row[batch["attention_mask"][-1] == 0].eq(tokenizer.pad_token_id).all()
+
+
+def test_batched_answers_equal_one_question_at_a_time(demo):
+    model, tokenizer = demo
+    questions = make_split("eval", 5, seed=7)
+    batched = answer_questions(model, tokenizer, questions, batch_size=16)
+    single = []
+    for q in questions:
+        inputs = prompt_batch([q], tokenizer)  # no padding at all
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        single.append(tokenizer.convert_ids_to_tokens(out[0, -1].item()))
+    assert batched == single
+
+
+def test_relative_performance():
+    rel = relative_performance({"a": 0.45, "b": 0.9}, {"a": 0.9, "b": 0.9})
+    assert rel == pytest.approx({"a": 50.0, "b": 100.0, "mean": 75.0})
+    rel = relative_performance({"a": 0.45, "b": 0.0}, {"a": 0.9, "b": 0.0})
+    assert rel == {"a": 50.0, "b": None, "mean": 50.0}
+    with pytest.raises(ValueError, match="lack families"):
+        relative_performance({"a": 0.5}, {"a": 0.9, "b": 0.9})
+
+
+def test_shipped_model_keeps_its_accuracy(demo):
+    """The shipped weights reach >= 90% on every family, as recorded when trained."""
+    model, tokenizer = demo
+    recorded = json.loads((demo_model_path() / "accuracy.json").read_text())
+    accuracy = evaluate(model, tokenizer, make_split("eval", recorded["eval_per_family"]))
+    assert set(accuracy) == set(FAMILIES)
+    for family, value in accuracy.items():
+        assert value >= 0.9, family
+        assert value == pytest.approx(recorded["accuracy"][family], abs=0.01), family
+    n = sum(p.numel() for p in model.parameters())
+    assert n * 4 < 25e6  # ships under 25 MB in float32
+
+
+# ---------------------------------------------------------------- main job
+
+
+def test_main_job_writes_model_and_reports(tmp_path, capsys):
+    from tamp_modifier.cli import main as tamp_prune
+    from tamp_modifier.report import load_report
+
+    out = tmp_path / "out"
+    assert tamp_prune(["--output", str(out), "--num-samples", "10", "--eval-per-family", "20"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"method", "sparsity", "dense_accuracy", "pruned_accuracy",
+                           "relative_performance", "prune_seconds"}
+    assert report["method"] == "tamp" and report["sparsity"] == pytest.approx(0.5, abs=0.01)
+    dense, pruned = report["dense_accuracy"], report["pruned_accuracy"]
+    assert list(dense) == list(FAMILIES)
+    for f in FAMILIES:
+        assert report["relative_performance"][f] == pytest.approx(100 * pruned[f] / dense[f])
+    # The saved model answers exactly as reported, and DAS/AMIA wrote their per-layer report.
+    model, tokenizer = load_demo_model(out)
+    assert evaluate(model, tokenizer, make_split("eval", 20)) == pruned
+    assert set(load_report(out)) == {"das", "amia"}
+    printed = capsys.readouterr().out
+    assert "| task | dense |" in printed and "relative" in printed
