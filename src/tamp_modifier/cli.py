@@ -184,12 +184,15 @@ def run(args: argparse.Namespace) -> Path:
         staging = Path(scratch) / "result"
         if demo:
             from tamp_modifier.demo.evaluate import evaluate
+            from tamp_modifier.demo.model import load_demo_model
 
             model, processor, dataset, questions = _demo_inputs(args)
-            print(f"tamp-prune: evaluating the dense demo model on {len(questions)} questions", flush=True)
-            dense = evaluate(model, processor, questions)
+            # Prune first: a bad recipe then fails before any evaluation is spent.
             seconds = _prune(model, processor, dataset, recipe, args, staging)
+            print(f"tamp-prune: evaluating the pruned and the dense model on {len(questions)} "
+                  "held-out questions", flush=True)
             pruned = evaluate(model, processor, questions)
+            dense = evaluate(load_demo_model()[0], processor, questions)
             table = _write_demo_report(staging, args, recipe, dense, pruned, seconds)
         else:
             dataset = load_calibration_dataset(args.dataset)

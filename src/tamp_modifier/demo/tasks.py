@@ -204,8 +204,8 @@ def make_split(split: str, per_family: int, seed: int = 0, families=FAMILIES) ->
     """``per_family`` questions of each family, interleaved family by family.
 
     ``split`` is ``eval``, ``calibration`` or ``train``: each has its own seed
-    stream, so the same ``seed`` never gives a split another split's questions
-    (text questions come from a small set of facts, so those can coincide).
+    stream. Questions still coincide across splits where the space is small:
+    text questions come from 86 facts, single-object images from 1,024.
     """
     if split not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(_SPLITS)}")
