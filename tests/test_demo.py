@@ -174,3 +174,31 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     assert set(load_report(out)) == {"das", "amia"}
     printed = capsys.readouterr().out
     assert "| task | dense |" in printed and "relative" in printed
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_image_labels_read_the_drawing():
+    from tamp_modifier.demo.train import image_labels
+
+    labels = image_labels(draw_scene(Scene(((2, 5, "green", "triangle"), (6, 1, "yellow", "circle")))), None)
+    colour, shape = labels["colour"].reshape(8, 8), labels["shape"].reshape(8, 8)
+    assert colour[2, 5] == 2 and shape[2, 5] == 3 and colour[6, 1] == 4 and shape[6, 1] == 2
+    assert colour.sum() == 6 and labels["count"] == 2 and labels["digit"] == -100
+    digit = image_labels(draw_digit("4", 1, 1), "4")
+    assert digit["digit"] == 4 and digit["count"] == -100
+    assert set(digit["shape"][digit["colour"] > 0].tolist()) == {5}  # strokes are no shape
+
+
+def test_training_is_deterministic():
+    from tamp_modifier.demo.model import build_demo_model
+    from tamp_modifier.demo.train import train_demo_model
+
+    first, _ = train_demo_model(vision_steps=2, steps=2, batch_size=6, progress=False)
+    second, _ = train_demo_model(vision_steps=2, steps=2, batch_size=6, progress=False)
+    untrained = build_demo_model(seed=0)  # the same initial weights training starts from
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                      untrained.state_dict().values()))
