@@ -5,6 +5,7 @@ Prunes the shipped demo model (``tamp_modifier.demo``) with every method at
 each pruned model on the held-out questions (500 per task family by default),
 and writes, into ``--out`` (default ``benchmarks/results``):
 
+    runs.jsonl                   each run as it finishes (a rerun skips those)
     quality.json                 every run: accuracy per task, relative
                                  performance, wall time, peak memory
     quality.md                   mean +- std over seeds, per method and setting
@@ -93,7 +94,8 @@ def _owl_recipe(model, dataset, sparsity: float):
 
     norms = input_channel_norms(model, list(dataset))
     blocks = [f"model.language_model.layers.{i}" for i in range(model.config.text_config.num_hidden_layers)]
-    ratios = owl_sparsities(outlier_ratios(model, norms, blocks), sparsity)
+    # Block ratios span up to sparsity + 2 lam: keep them below 1 at high sparsity.
+    ratios = owl_sparsities(outlier_ratios(model, norms, blocks), sparsity, lam=min(0.08, (1 - sparsity) / 4))
     return [WandaPruningModifier(sparsity=owl_sparsity_list(model, ratios), targets=["Linear"],
                                  ignore=list(TOWER_IGNORE))], ratios
 
@@ -263,17 +265,27 @@ def main(argv=None) -> int:
                              "eval_per_family": args.eval_per_family})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every finished run is appended to runs.jsonl at once, and a rerun skips the
+    # runs already there: a crash or an interrupt loses no finished run.
+    log = out / "runs.jsonl"
+    key = lambda r: (r["method"], r["setting"], r["seed"], r["samples"], r["eval_per_family"])  # noqa: E731
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {key(r) for r in runs}
+    todo = [j for j in jobs if key(j) not in done]
+    print(f"{len(jobs) - len(todo)} runs already in {log}; {len(todo)} to go", flush=True)
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
         dense_job = pool.apply_async(dense_accuracy, (args.eval_per_family,))
-        runs = []
-        for i, run in enumerate(pool.imap_unordered(run_one, jobs), 1):
+        for i, run in enumerate(pool.imap_unordered(run_one, todo), 1):
             runs.append(run)
-            print(f"[{i}/{len(jobs)}] {run['method']} {run['setting']} seed {run['seed']}: "
+            with log.open("a") as f:
+                f.write(json.dumps(run) + "\n")
+            print(f"[{i}/{len(todo)}] {run['method']} {run['setting']} seed {run['seed']}: "
                   + ", ".join(f"{f} {a:.0%}" for f, a in run["accuracy"].items())
                   + f" ({run['seconds']:.1f} s)", flush=True)
         dense = dense_job.get()
+    runs = [r for r in runs if key(r) in {key(j) for j in jobs}]
     rows = summarize(runs, dense)
     table = markdown(rows, dense)
     (out / "quality.json").write_text(json.dumps(
