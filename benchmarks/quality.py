@@ -28,7 +28,7 @@ are measured too. DAS and OWL set per-layer ratios, which N:M does not take: at 
 skipped, and ``tamp`` is AMIA with 2:4. Runs go to ``--workers`` processes,
 each on one thread; wall time and peak RSS are per run, inside its process.
 
-    python benchmarks/quality.py                        # all, 3 seeds: ~20 min on 2 cores
+    python benchmarks/quality.py --eval-per-family 200  # all, 3 seeds: ~15 min on 2 cores
     python benchmarks/quality.py --methods wanda tamp --settings 0.5 --seeds 0
 """
 
@@ -69,10 +69,10 @@ def _recipe(method: str, setting: str):
     from tamp_modifier.models import TOWER_IGNORE
 
     common = dict(targets=["Linear"], ignore=list(TOWER_IGNORE))
+    # Wanda and SparseGPT require `sparsity` even with N:M, and then ignore it.
+    common["sparsity"] = 0.5 if setting == "2:4" else float(setting)
     if setting == "2:4":
         common["mask_structure"] = "2:4"
-    else:
-        common["sparsity"] = float(setting)
     # DAS keeps every layer below sparsity + max_delta < 1: at 90% the default 0.1 would not fit.
     das = DiversityAwareSparsity(max_delta=0.1 if setting == "2:4" else min(0.1, (1 - float(setting)) / 2))
     pruner = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier, "amia": AdaptiveInputActivation}
