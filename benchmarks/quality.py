@@ -1,7 +1,7 @@
 """How much of the demo model's ability each pruning method keeps.
 
 Prunes the shipped demo model (``tamp_modifier.demo``) with every method at
-50%, 60%, 70% unstructured and 2:4, with several calibration seeds, evaluates
+50% to 90% unstructured and 2:4, with several calibration seeds, evaluates
 each pruned model on the held-out questions (500 per task family by default),
 and writes, into ``--out`` (default ``benchmarks/results``):
 
