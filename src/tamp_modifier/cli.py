@@ -141,14 +141,12 @@ def _prune(model, processor, dataset, recipe: Path, args: argparse.Namespace, st
     return time.perf_counter() - start
 
 
-def _write_demo_report(staging: Path, args, recipe: Path, dense, pruned, seconds: float) -> str:
+def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, seconds: float) -> str:
     """``report.json`` (accuracies, relative performance, method, sparsity, time); returns the table."""
     from tamp_modifier.demo.evaluate import format_accuracy_table, relative_performance
-    from tamp_modifier.demo.model import load_demo_model
     from tamp_modifier.report import realized_sparsity
 
-    pruned_model, _ = load_demo_model(staging)
-    layers = [m for n, m in pruned_model.named_modules()
+    layers = [m for n, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and ".language_model.layers." in n]
     zeros = sum(realized_sparsity(m) * m.weight.numel() for m in layers)
     report = {
@@ -193,7 +191,7 @@ def run(args: argparse.Namespace) -> Path:
                   "held-out questions", flush=True)
             pruned = evaluate(model, processor, questions)
             dense = evaluate(load_demo_model()[0], processor, questions)
-            table = _write_demo_report(staging, args, recipe, dense, pruned, seconds)
+            table = _write_demo_report(model, staging, args, recipe, dense, pruned, seconds)
         else:
             dataset = load_calibration_dataset(args.dataset)
             model, processor = _load_model(args.model), _load_processor(args.model)
