@@ -38,27 +38,22 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from speed import reset_peak_rss  # benchmarks/ is on sys.path when run as a script
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "owl", "das+wanda", "amia", "tamp", "das+sparsegpt")
 SETTINGS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
 RATIO_METHODS = ("owl", "das+wanda", "das+sparsegpt")  # per-layer ratios: not with N:M
 
 
-def _peak_rss_reset() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    """Peak RSS since the last ``reset_peak_rss`` (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _recipe(method: str, setting: str):
@@ -111,16 +106,15 @@ def run_one(job: dict) -> dict:
     from tamp_modifier.baselines import magnitude_prune
     from tamp_modifier.data import collate_rows
     from tamp_modifier.demo.evaluate import evaluate
-    from tamp_modifier.demo.model import calibration_dataset, load_demo_model
-    from tamp_modifier.demo.tasks import IMAGE_FAMILIES, make_split
-    from tamp_modifier.report import _ATTR
+    from tamp_modifier.demo.model import demo_calibration_set, load_demo_model
+    from tamp_modifier.demo.tasks import make_split
+    from tamp_modifier.models import language_linears
+    from tamp_modifier.report import attached_report, pruned_share
 
     method, setting, seed = job["method"], job["setting"], job["seed"]
     model, tokenizer = load_demo_model()
-    per_family = -(-job["samples"] // len(IMAGE_FAMILIES))
-    calibration = make_split("calibration", per_family, seed, families=IMAGE_FAMILIES)[: job["samples"]]
-    dataset = calibration_dataset(calibration, tokenizer)
-    _peak_rss_reset()
+    dataset = demo_calibration_set(tokenizer, job["samples"], seed)
+    reset_peak_rss()
     start = time.perf_counter()
     extra = {}
     if method == "magnitude":
@@ -136,15 +130,12 @@ def run_one(job: dict) -> dict:
                 max_seq_length=4096, data_collator=collate_rows, sequential_targets=["LlamaDecoderLayer"])
     seconds = time.perf_counter() - start
     peak = _peak_rss_mib()
-    das = model.__dict__.get(_ATTR, {}).get("das")
+    das = attached_report(model).get("das")
     if das:
         extra["das_layer_sparsity"] = {n: layer["assigned"] for n, layer in das["layers"].items()}
-    linears = [m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".language_model.layers." in n]
-    zeros = sum(int((m.weight == 0).sum()) for m in linears)
     accuracy = evaluate(model, tokenizer, make_split("eval", job["eval_per_family"]))
     return {**job, "accuracy": accuracy, "seconds": round(seconds, 2), "peak_rss_mib": round(peak),
-            "sparsity": zeros / sum(m.weight.numel() for m in linears), **extra}
+            "sparsity": pruned_share(language_linears(model).values()), **extra}
 
 
 def dense_accuracy(eval_per_family: int) -> dict:

@@ -79,6 +79,7 @@ def worker(args):
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
     from tamp_modifier.data import collate_rows
     from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
+    from tamp_modifier.report import attached_report
     from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
 
     model = build_random_vlm(target_params=int(args.target_params), seed=0)
@@ -105,7 +106,7 @@ def worker(args):
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; = VmHWM
     lengths = [row["input_ids"].shape[-1] for row in ds]
-    split = model.__dict__.get("_tamp_report", {}).get("amia", {}).get("seconds", {})
+    split = attached_report(model).get("amia", {}).get("seconds", {})
     print(json.dumps(dict(
         method=args.worker, seconds=seconds, cpu_s=cpu, peak_mib=peak, growth_mib=peak - baseline,
         baseline_mib=baseline, peak_reset=reset, torch=torch.__version__, threads=torch.get_num_threads(),

@@ -10,7 +10,7 @@ import torch
 from llmcompressor import oneshot
 
 from tamp_modifier.data import collate_rows
-from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
+from tamp_modifier.models import language_linears, text_decoder_layer_class
 from tamp_modifier.synthetic import build_tiny_model, save_tiny_model
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -43,16 +43,6 @@ def tiny(tmp_path):
         return model, tokenizer, folder
 
     return make
-
-
-def language_linears(model):
-    """The Linears our recipes prune: everything but towers, projector, lm_head."""
-    from compressed_tensors.utils import match_named_modules
-
-    return dict(
-        (n, m) for n, m in match_named_modules(model, ["Linear"], TOWER_IGNORE)
-        if isinstance(m, torch.nn.Linear)
-    )
 
 
 def zero_fraction(module):

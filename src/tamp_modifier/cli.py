@@ -20,7 +20,6 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-import torch
 import yaml
 
 DEMO_OUTPUT = "tamp-demo-out"
@@ -109,13 +108,11 @@ def _load_processor(folder: str):
 
 def _demo_inputs(args: argparse.Namespace):
     """The shipped demo model, its tokenizer as processor, a calibration set, the eval questions."""
-    from tamp_modifier.demo.model import calibration_dataset, load_demo_model
-    from tamp_modifier.demo.tasks import IMAGE_FAMILIES, make_split
+    from tamp_modifier.demo.model import demo_calibration_set, load_demo_model
+    from tamp_modifier.demo.tasks import make_split
 
     model, tokenizer = load_demo_model()
-    per_family = -(-args.num_samples // len(IMAGE_FAMILIES))
-    calibration = make_split("calibration", per_family, args.seed, families=IMAGE_FAMILIES)
-    dataset = calibration_dataset(calibration[: args.num_samples], tokenizer)
+    dataset = demo_calibration_set(tokenizer, args.num_samples, args.seed)
     return model, tokenizer, dataset, make_split("eval", args.eval_per_family)
 
 
@@ -144,15 +141,13 @@ def _prune(model, processor, dataset, recipe: Path, args: argparse.Namespace, st
 def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, seconds: float) -> str:
     """``report.json`` (accuracies, relative performance, method, sparsity, time); returns the table."""
     from tamp_modifier.demo.evaluate import format_accuracy_table, relative_performance
-    from tamp_modifier.report import realized_sparsity
+    from tamp_modifier.models import language_linears
+    from tamp_modifier.report import pruned_share
 
-    layers = [m for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and ".language_model.layers." in n]
-    zeros = sum(realized_sparsity(m) * m.weight.numel() for m in layers)
     report = {
         "method": recipe.stem,
         "recipe": str(recipe),
-        "sparsity": zeros / sum(m.weight.numel() for m in layers),
+        "sparsity": pruned_share(language_linears(model).values()),
         "calibration_samples": args.num_samples,
         "calibration_seed": args.seed,
         "eval_per_family": args.eval_per_family,

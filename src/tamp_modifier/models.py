@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TOWER_IGNORE", "text_decoder_layer_class"]
+__all__ = ["TOWER_IGNORE", "language_linears", "text_decoder_layer_class"]
 
 # Keep vision/audio towers, projectors and lm_head dense. transformers 5 names
 # them model.vision_tower.*, model.multi_modal_projector.*, Qwen model.visual.*;
@@ -34,3 +34,11 @@ def text_decoder_layer_class(model: torch.nn.Module) -> str:
         f"cannot find the text decoder layers of {type(model).__name__}; pass "
         "sequential_targets explicitly (the decoder layer class name)"
     )
+
+
+def language_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The Linears the shipped recipes prune: all but towers, projector and lm_head."""
+    from compressed_tensors.utils import match_named_modules
+
+    return {n: m for n, m in match_named_modules(model, ["Linear"], TOWER_IGNORE)
+            if isinstance(m, torch.nn.Linear)}

@@ -24,9 +24,11 @@ from tamp_modifier.allocation import allocate_by_granularity
 __all__ = [
     "REPORT_FILE_NAME",
     "attach_report",
+    "attached_report",
     "format_table",
     "load_report",
     "reallocate",
+    "pruned_share",
     "realized_sparsity",
     "write_report",
 ]
@@ -39,6 +41,18 @@ def realized_sparsity(module: torch.nn.Module) -> float:
     """Fraction of exactly-zero entries in a module's weight."""
     weight = module.weight
     return float((weight == 0).sum().item() / weight.numel())
+
+
+def pruned_share(modules) -> float:
+    """Parameter-weighted share of exactly-zero weights over ``modules``."""
+    modules = list(modules)
+    zeros = sum(int((m.weight == 0).sum()) for m in modules)
+    return zeros / sum(m.weight.numel() for m in modules)
+
+
+def attached_report(model: torch.nn.Module) -> dict:
+    """The report sections modifiers attached to ``model`` (empty if none)."""
+    return model.__dict__.get(_ATTR, {})
 
 
 def attach_report(model: torch.nn.Module, section: str, data: dict) -> None:

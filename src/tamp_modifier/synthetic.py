@@ -55,6 +55,7 @@ __all__ = [
     "build_tiny_model",
     "build_random_vlm",
     "build_tiny_tokenizer",
+    "word_level_tokenizer",
     "save_tiny_model",
     "make_calibration_dataset",
     "decoder_layer_class",
@@ -344,10 +345,6 @@ def build_tiny_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerFast:
     uses it for the ``"padding"`` collator and for saving), so pass this as
     ``processor=``.
     """
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
     cfg = model.config
     vocab_size = cfg.get_text_config().vocab_size
     names = {PAD_TOKEN_ID: "<pad>", BOS_TOKEN_ID: "<s>", EOS_TOKEN_ID: "</s>", cfg.image_token_id: "<image>"}
@@ -358,19 +355,23 @@ def build_tiny_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerFast:
     ):
         if getattr(cfg, attr, None) is not None:
             names[getattr(cfg, attr)] = name
-    vocab = {names.get(i, f"t{i}"): i for i in range(vocab_size)}
     # Unused reserved slots keep distinct names so the vocab stays a bijection.
+    return word_level_tokenizer({names.get(i, f"t{i}"): i for i in range(vocab_size)})
+
+
+def word_level_tokenizer(vocab: dict[str, int], **kwargs) -> PreTrainedTokenizerFast:
+    """A whitespace-split, word-level fast tokenizer over ``vocab`` with the
+    ``<pad> <s> </s> <image>`` specials (``<pad>`` doubles as unknown)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
     backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
     backend.pre_tokenizer = WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, **kwargs,
     )
-    return tok
 
 
 def save_tiny_model(model: PreTrainedModel, path: str | os.PathLike, *, weights: bool = False):

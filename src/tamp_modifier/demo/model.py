@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from tamp_modifier.demo.tasks import CELL, IMAGE_SIZE, Question, vocabulary
+from tamp_modifier.synthetic import word_level_tokenizer
 
 __all__ = [
     "IMAGE_TOKENS",
@@ -32,6 +33,7 @@ __all__ = [
     "build_demo_model",
     "build_demo_tokenizer",
     "calibration_dataset",
+    "demo_calibration_set",
     "demo_model_path",
     "encode_prompt",
     "load_demo_model",
@@ -46,17 +48,8 @@ PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = range(4)
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the task suite's words (ids fixed by ``vocabulary()``)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
     vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
-    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<pad>", extra_special_tokens={"image_token": "<image>"}, padding_side="left",
-    )
+    return word_level_tokenizer(vocab, padding_side="left")
 
 
 def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
@@ -129,6 +122,15 @@ def calibration_dataset(questions: list[Question], tokenizer):
     if not rows:
         raise ValueError("the calibration set needs image questions")
     return Dataset.from_dict({k: [r[k].numpy() for r in rows] for k in rows[0]}).with_format("torch")
+
+
+def demo_calibration_set(tokenizer, samples: int, seed: int = 0):
+    """``samples`` image questions of the calibration split, families in turn, as a dataset."""
+    from tamp_modifier.demo.tasks import IMAGE_FAMILIES, make_split
+
+    per_family = -(-samples // len(IMAGE_FAMILIES))
+    questions = make_split("calibration", per_family, seed, families=IMAGE_FAMILIES)[:samples]
+    return calibration_dataset(questions, tokenizer)
 
 
 def demo_model_path() -> Path:
