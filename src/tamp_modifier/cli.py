@@ -163,6 +163,7 @@ def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, 
 def run(args: argparse.Namespace) -> Path:
     from tamp_modifier.data import load_calibration_dataset
     from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report
+    from tamp_modifier.sparsity_pattern import describe_pattern
 
     demo = args.model is None
     output = Path(args.output or (DEMO_OUTPUT if demo else "")).resolve()
@@ -198,9 +199,15 @@ def run(args: argparse.Namespace) -> Path:
     print()
     report_path = output / REPORT_FILE_NAME
     if report_path.is_file():
-        for section in load_report(report_path).values():
-            print(f"{section.get('method', '')} per-layer sparsity:")
-            print(format_table(section))
+        report = load_report(report_path)
+        for key in ("das", "amia"):
+            if key in report:
+                print(f"{report[key]['method']} per-layer sparsity:")
+                print(format_table(report[key]))
+                print()
+        if "checkpoint" in report:
+            saved = describe_pattern(report["checkpoint"]["pattern"])
+            print(f"Sparsity pattern in the saved weights: {saved}")
             print()
     if table:
         print("Accuracy per task on held-out questions (relative = pruned / dense x 100):")

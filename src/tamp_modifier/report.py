@@ -1,8 +1,10 @@
 """The per-layer report written next to a saved model (``tamp_report.json``).
 
-Modifiers put their sections (``"das"``, ``"amia"``) on the model; whenever the
-model is saved with ``save_pretrained`` the report is written beside the
-checkpoint, with each listed layer's realized sparsity counted in its weights.
+Modifiers put their sections (``"das"``, ``"amia"``, ``"pattern"``) on the
+model; whenever the model is saved with ``save_pretrained`` the checkpoint is
+made deployable (``checkpoint.finalize_checkpoint``) and the report is written
+beside it, with each pruned layer's sparsity counted in the saved tensors (a
+``"checkpoint"`` section says how much of the intended pattern they hold).
 llm-compressor writes ``recipe.yaml`` the same way, by wrapping
 ``save_pretrained``, so ``oneshot(output_dir=...)`` and a later
 ``model.save_pretrained(dir)`` both get it.
@@ -18,13 +20,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from loguru import logger
 
 from tamp_modifier.allocation import allocate_by_granularity
+from tamp_modifier.sparsity_pattern import compare_patterns, describe_pattern, layer_pattern
 
 __all__ = [
     "REPORT_FILE_NAME",
     "attach_report",
     "attached_report",
+    "expected_pattern",
     "format_table",
     "load_report",
     "reallocate",
@@ -62,29 +67,82 @@ def attach_report(model: torch.nn.Module, section: str, data: dict) -> None:
     _wrap_save_pretrained(model)
 
 
-def _with_realized(model: torch.nn.Module, report: dict) -> dict:
+def expected_pattern(report: dict) -> dict[str, dict]:
+    """What the recipe's pruning step meant to leave, per layer, from a report.
+
+    ``{name: {"sparsity": float | None, "mask_structure": "0:0" | "N:M"}}``: from
+    AMIA's section when AMIA pruned, else from DAS's assigned ratios when a pruner
+    followed DAS. Empty for a profiling run (nothing was pruned).
+    """
+    amia = report.get("amia")
+    if amia and amia.get("layers"):
+        return {n: {"sparsity": v["sparsity"], "mask_structure": v["mask_structure"]}
+                for n, v in amia["layers"].items()}
+    das = report.get("das")
+    if das and das.get("pruner") and das.get("layers"):
+        return {n: {"sparsity": v["assigned"], "mask_structure": "0:0"} for n, v in das["layers"].items()}
+    return {}
+
+
+def _with_realized(model: torch.nn.Module, report: dict, measured: dict[str, dict]) -> dict:
     out = copy.deepcopy(report)
-    for section in out.values():
+    for key, section in out.items():
+        if key in ("pattern", "checkpoint"):
+            continue
         for name, layer in section.get("layers", {}).items():
+            if name in measured:
+                layer["realized"] = measured[name]["sparsity"]
+                continue
             try:
                 layer["realized"] = realized_sparsity(model.get_submodule(name))
             except AttributeError:
-                pass  # layer not in this model (a report loaded for another one)
+                pass  # not in this model (a report loaded for another one), or no plain weight now
     return out
 
 
-def write_report(model: torch.nn.Module, directory: str | os.PathLike) -> Path | None:
-    """Write the model's report into ``directory`` atomically; None if it has none."""
+def _measure_saved(model: torch.nn.Module, directory, expected: dict[str, dict]) -> dict[str, dict]:
+    from tamp_modifier.checkpoint import saved_weights
+
+    return {name: {**layer_pattern(weight, expected[name]["mask_structure"]), "num_weights": weight.numel()}
+            for name, weight in saved_weights(directory, model, list(expected))}
+
+
+def write_report(
+    model: torch.nn.Module, directory: str | os.PathLike, checkpoint: dict | None = None
+) -> Path | None:
+    """Write the model's report into ``directory`` atomically; None if it has none.
+
+    The sparsity of every pruned layer is counted in the safetensors files in
+    ``directory`` (dequantized where quantized), not in memory.
+    """
     report = model.__dict__.get(_ATTR)
     if not report:
         return None
+    expected = expected_pattern(report)
+    measured = _measure_saved(model, directory, expected) if expected else {}
+    out = _with_realized(model, report, measured)
+    if expected:
+        sized = {n: {**v, "num_weights": measured[n]["num_weights"]} for n, v in expected.items()}
+        pattern = compare_patterns(sized, measured)
+        out["checkpoint"] = {**(checkpoint or {}), "pattern": pattern}
+        _log_saved_pattern(pattern, directory)
     path = Path(directory) / REPORT_FILE_NAME
-    text = json.dumps(_with_realized(model, report), indent=1, sort_keys=False)
+    text = json.dumps(out, indent=1, sort_keys=False)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tamp_report.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
     return path
+
+
+def _log_saved_pattern(pattern: dict, directory) -> None:
+    if pattern["intact"]:
+        logger.info(f"saved checkpoint {directory} keeps the sparsity pattern: {describe_pattern(pattern)}")
+    else:
+        logger.warning(
+            f"saved checkpoint {directory} does NOT keep the sparsity pattern: {describe_pattern(pattern)} "
+            f"(per layer in {REPORT_FILE_NAME}, section checkpoint)"
+        )
 
 
 def _wrap_save_pretrained(model: torch.nn.Module) -> None:
@@ -94,8 +152,11 @@ def _wrap_save_pretrained(model: torch.nn.Module) -> None:
 
     @functools.wraps(save)
     def save_pretrained_with_report(save_directory, *args, **kwargs):
+        from tamp_modifier.checkpoint import finalize_checkpoint
+
         result = save(save_directory, *args, **kwargs)
-        write_report(model, save_directory)
+        changes = finalize_checkpoint(model, save_directory)
+        write_report(model, save_directory, checkpoint={"config_changes": changes})
         return result
 
     # functools.wraps copied llm-compressor's `_overridden` flag, so it will
