@@ -171,7 +171,9 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     # The saved model answers exactly as reported, and DAS/AMIA wrote their per-layer report.
     model, tokenizer = load_demo_model(out)
     assert evaluate(model, tokenizer, make_split("eval", 20)) == pruned
-    assert set(load_report(out)) == {"das", "amia"}
+    saved = load_report(out)
+    assert set(saved) == {"das", "amia", "pattern", "checkpoint"}
+    assert saved["checkpoint"]["pattern"]["intact"]
     printed = capsys.readouterr().out
     assert "| task | dense |" in printed and "relative" in printed
 

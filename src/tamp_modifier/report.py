@@ -152,11 +152,14 @@ def _wrap_save_pretrained(model: torch.nn.Module) -> None:
 
     @functools.wraps(save)
     def save_pretrained_with_report(save_directory, *args, **kwargs):
+        from compressed_tensors.distributed import is_source_process
+
         from tamp_modifier.checkpoint import finalize_checkpoint
 
         result = save(save_directory, *args, **kwargs)
-        changes = finalize_checkpoint(model, save_directory)
-        write_report(model, save_directory, checkpoint={"config_changes": changes})
+        if is_source_process():  # under torchrun, one rank writes the files (all hold the same model)
+            changes = finalize_checkpoint(model, save_directory)
+            write_report(model, save_directory, checkpoint={"config_changes": changes})
         return result
 
     # functools.wraps copied llm-compressor's `_overridden` flag, so it will

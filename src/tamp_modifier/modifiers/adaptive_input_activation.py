@@ -13,7 +13,20 @@ from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from tamp_modifier.activation_pruning import parse_mask_structure, prune_mask
+from tamp_modifier.distributed import (
+    any_rank,
+    assign_to_ranks,
+    barrier,
+    broadcast_tensor,
+    is_distributed,
+    rank,
+    shares_offload,
+    sum_across_ranks,
+    union_across_ranks,
+    world_size,
+)
 from tamp_modifier.modality import resolve_modality_token_ids
+from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import attach_report
 from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
@@ -76,6 +89,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
     _sq_sums: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _selected: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _seen: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _checked_ranks: bool = PrivateAttr(default=False)
     _layers_report: dict[str, dict] = PrivateAttr(default_factory=dict)
     _seconds: dict[str, float] = PrivateAttr(default_factory=lambda: {"selection": 0.0, "pruning": 0.0})
 
@@ -126,6 +140,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
         token_ids = resolve_modality_token_ids(state.model.config, self.modality_token_ids)
         self._labels = CalibrationTokenLabels(token_ids)
         self._modalities = ["text", *token_ids]
+        warn_pattern_breaking_steps(self)
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -151,6 +166,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
         result = super().on_finalize(state, **kwargs)
         self.remove_hooks()
         self._report(state.model)
+        check_pattern_kept(self, state.model)
         self._labels = None
         return result
 
@@ -199,7 +215,10 @@ class AdaptiveInputActivation(SparsityModifierBase):
         labels = self._labels.current(inputs.shape[:-1]).to(inputs.device)
         attention = self._attention[self._block_of[module]][1] if self._needs_attention else None
         if module not in self._sq_sums:
-            self._sq_sums[module] = torch.zeros(inputs.shape[-1], dtype=torch.float32, device=inputs.device)
+            # float64: a float32 value squares exactly, and the sums over samples then
+            # do not depend on their order (nor on which rank saw which sample)
+            # beyond ~1e-16 relative, so a torchrun run equals a one-process run.
+            self._sq_sums[module] = torch.zeros(inputs.shape[-1], dtype=torch.float64, device=inputs.device)
             self._selected[module] = torch.zeros(len(self._modalities), dtype=torch.long)
             self._seen[module] = torch.zeros(len(self._modalities), dtype=torch.long)
         start = time.perf_counter()
@@ -211,7 +230,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
             chosen = self._choose(module, out, attention, lab, b, real)
             if padded:
                 chosen = real[chosen]
-            x = inputs[b, chosen].float()
+            x = inputs[b, chosen].double()
             self._sq_sums[module] += x.square().sum(0)
             self._selected[module] += torch.bincount(labels[b, chosen].long().cpu(), minlength=m)[:m]
             self._seen[module] += torch.bincount(lab.long().cpu(), minlength=m)[:m]
@@ -239,15 +258,24 @@ class AdaptiveInputActivation(SparsityModifierBase):
 
     def compress_modules(self):
         start = time.perf_counter()
-        for module in list(self._sq_sums):
+        modules = self._calibrated_modules()
+        self._reduce_across_ranks(modules)
+        # Under torchrun each mask is computed once, by the rank that owns its
+        # module (GPTQ's bin packing by size), all ranks at once, then broadcast.
+        # In one process a mask is made just before use: one mask in memory.
+        owner = assign_to_ranks(modules, [m.weight.numel() for m in modules])
+        masks = {m: self._mask(m) for m in modules if owner[m] == rank()} if is_distributed() else {}
+        for module in modules:
             name = self._module_names[module].rstrip(".")
-            count = int(self._selected[module].sum())
-            norm = torch.sqrt(self._sq_sums.pop(module) / max(count, 1))
             sparsity = self._layer_sparsity.get(name, self._module_sparsities[module])
             with torch.no_grad(), align_module_device(module):
-                weight = module.weight.data
-                mask = prune_mask(weight, norm.to(weight.device), sparsity, self._prune_n, self._prune_m)
-                update_offload_parameter(module, "weight", weight.masked_fill(mask, 0))
+                mask = masks.pop(module) if module in masks else None
+                if mask is None and owner[module] == rank():
+                    mask = self._mask(module)
+                mask = broadcast_tensor(mask, module.weight.shape, torch.bool, src=owner[module],
+                                        device=module.weight.device)
+                self._apply_mask(module, mask, owner[module])
+            del self._sq_sums[module]
             selected, seen = self._selected.pop(module).tolist(), self._seen.pop(module).tolist()
             self._layers_report[name] = {
                 "sparsity": None if self._prune_n else float(sparsity),
@@ -256,12 +284,62 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 "tokens": dict(zip(self._modalities, seen)),
                 "share": sum(selected) / max(sum(seen), 1),
             }
+        barrier()  # owners' writes to offload shared between ranks land before anyone reads it
         self._seconds["pruning"] += time.perf_counter() - start
 
+    def _calibrated_modules(self) -> list[torch.nn.Module]:
+        """The modules this subgraph calibrated; in distributed runs, on any rank, in one order."""
+        if not is_distributed():
+            return list(self._sq_sums)
+        by_name = {name: module for module, name in self._module_names.items()}
+        names = union_across_ranks([self._module_names[m] for m in self._sq_sums])
+        return [by_name[n] for n in names]
+
+    def _reduce_across_ranks(self, modules: list[torch.nn.Module]) -> None:
+        """Sum each module's squared-input sums and token counts over the ranks."""
+        if not is_distributed():
+            return
+        m = len(self._modalities)
+        for module in modules:  # a rank may have had no sample reach a module
+            if module not in self._sq_sums:
+                self._sq_sums[module] = torch.zeros(module.weight.shape[1], dtype=torch.float64)
+                self._selected[module] = torch.zeros(m, dtype=torch.long)
+                self._seen[module] = torch.zeros(m, dtype=torch.long)
+        stats = [d[module] for d in (self._sq_sums, self._selected, self._seen) for module in modules]
+        reduced = iter(sum_across_ranks(stats))
+        for d in (self._sq_sums, self._selected, self._seen):
+            for module in modules:
+                d[module] = next(reduced)
+
+    def _mask(self, module: torch.nn.Module) -> torch.Tensor:
+        """Wanda's mask from the selected tokens' channel norms (True = prune)."""
+        name = self._module_names[module].rstrip(".")
+        count = int(self._selected[module].sum())
+        norm = torch.sqrt(self._sq_sums[module] / max(count, 1))
+        sparsity = self._layer_sparsity.get(name, self._module_sparsities[module])
+        with torch.no_grad(), align_module_device(module):
+            weight = module.weight.data
+            return prune_mask(weight, norm.to(weight.device), sparsity, self._prune_n, self._prune_m)
+
+    def _apply_mask(self, module: torch.nn.Module, mask: torch.Tensor, owner: int) -> None:
+        """Zero the masked weights on this rank, writing shared storage only once."""
+        weight = module.weight
+        if shares_offload(module) and rank() != owner:
+            # The owner writes the offload all ranks share; here only a private
+            # onloaded copy (a GPU's) needs the same zeros.
+            if weight.data_ptr() != module._parameters.offloaded_values["weight"].data_ptr():
+                weight.data.masked_fill_(mask, 0)
+            return
+        update_offload_parameter(module, "weight", weight.data.masked_fill(mask, 0))
+
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        if self._pending:
-            raise RuntimeError(f"attention never arrived for blocks {sorted(self._pending)}")
+        if any_rank(bool(self._pending)):  # decided together: a rank raising alone hangs the rest
+            blocks = sorted(self._pending) or "of another rank"
+            raise RuntimeError(f"attention never arrived for blocks {blocks}")
         self._attention.clear()
+        if not self._checked_ranks:  # after the first subgraph: before the long work
+            self._checked_ranks = True
+            self._labels.check_ranks_distinct()
         super().on_sequential_epoch_end(state, event, **kwargs)
 
     def _report(self, model: torch.nn.Module) -> None:
@@ -280,6 +358,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
             "settings": {"knn": self.knn, "gamma": self.gamma, "penalty_gamma": self.penalty_gamma,
                          "mmd_scale": self.mmd_scale, "random_tokens": self.random_tokens, "seed": self.seed},
             "from_das": bool(self._layer_sparsity),
+            "ranks": world_size(),
             "selected_share": share,
             "seconds": dict(self._seconds),
             "layers": self._layers_report,

@@ -19,8 +19,11 @@ from tamp_modifier.allocation import (
     check_sparsity_bounds,
     snap_to_rows,
 )
-from tamp_modifier.diversity import DiversityAccumulator
+from tamp_modifier.distributed import any_rank, broadcast_object, is_distributed, sum_across_ranks, world_size
+from tamp_modifier.diversity import DiversityAccumulator, term_names
 from tamp_modifier.modality import resolve_modality_token_ids
+from tamp_modifier.modifiers.adaptive_input_activation import AdaptiveInputActivation
+from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
 from tamp_modifier.modifiers.pruner_bridge import (
     check_pruner,
     following_pruner,
@@ -129,6 +132,7 @@ class DiversityAwareSparsity(Modifier):
         self._pruner = following_pruner(active_session().lifecycle.recipe.modifiers, self)
         if self._pruner is not None:
             check_pruner(self._pruner)
+            self._check_data_parallel()
             self._adopt_pruner_sparsity()
         elif self.sparsity is None:
             raise ValueError(
@@ -153,6 +157,7 @@ class DiversityAwareSparsity(Modifier):
                 "profiling run: nothing is pruned; scores and the ratios for "
                 f"sparsity={self.sparsity} go to tamp_report.json when the model is saved"
             )
+        warn_pattern_breaking_steps(self)
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
@@ -176,16 +181,20 @@ class DiversityAwareSparsity(Modifier):
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         # After each subgraph: stop early on bad data instead of after the last layer.
-        if self._labels and not self._checked_modalities:
+        # Every check below decides on all ranks' data alike: a rank that raised
+        # alone would leave the others waiting in their next collective.
+        if self._labels is not None and not self._checked_modalities:
+            self._labels.check_ranks_distinct()
             self._check_modalities_seen()
         bad = [
             n
             for n, acc in self._accumulators.items()
             if acc.sums is not None and not bool(torch.isfinite(acc.sums).all())
         ]
-        if bad:
+        if any_rank(bool(bad)):
+            where = f"{bad[:3]}{' ...' if len(bad) > 3 else ''}" if bad else "layers of another rank"
             raise ValueError(
-                f"non-finite (NaN/inf) outputs in {bad[:3]}{' ...' if len(bad) > 3 else ''}"
+                f"non-finite (NaN/inf) outputs in {where}"
                 " during DAS calibration: check the model's dtype (try float32 or "
                 "bfloat16 instead of float16) and the calibration inputs"
             )
@@ -197,6 +206,7 @@ class DiversityAwareSparsity(Modifier):
             # Counted now, not at the early modality check: padding is only known
             # once the decoder blocks have run (from their attention masks).
             self._tokens_seen = self._count_tokens() if self.diversity == "modality" else None
+            self._reduce_across_ranks()
             layers = self._layer_scores()
         else:
             layers = self._profile_layers()
@@ -212,6 +222,7 @@ class DiversityAwareSparsity(Modifier):
             # The saved recipe.yaml should read as written, one global sparsity,
             # so that re-running it reproduces this run.
             self._pruner.sparsity = self._pruner_sparsity
+        check_pattern_kept(self, state.model)
         return True
 
     # ------------------------------------------------------------------ set-up
@@ -229,6 +240,18 @@ class DiversityAwareSparsity(Modifier):
                 "(leave DiversityAwareSparsity's sparsity out to use the pruner's)"
             )
         self._pruner_sparsity = self._pruner.sparsity
+
+    def _check_data_parallel(self) -> None:
+        # llm-compressor 0.14's Wanda and SparseGPT keep each rank's statistics to
+        # themselves under torchrun: every rank would prune with its own share of
+        # the samples and write its own masks into the weights the ranks share.
+        if is_distributed() and not isinstance(self._pruner, AdaptiveInputActivation):
+            raise ValueError(
+                f"{type(self._pruner).__name__} is not data-parallel in llm-compressor 0.14 "
+                f"(this run has {world_size()} ranks): each rank would prune with its own "
+                "share of the calibration samples. Under torchrun use AdaptiveInputActivation "
+                "as the pruner (token_selection: all is Wanda's rule), or run in one process."
+            )
 
     def _resolve_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         own = None
@@ -322,7 +345,28 @@ class DiversityAwareSparsity(Modifier):
             )
 
     def _count_tokens(self) -> dict[str, int]:
-        return dict(zip(self._modalities, self._labels.counts(len(self._modalities))))
+        """Tokens per modality over all ranks' samples."""
+        local = torch.tensor(self._labels.counts(len(self._modalities)), dtype=torch.long)
+        return dict(zip(self._modalities, sum_across_ranks([local])[0].tolist()))
+
+    def _reduce_across_ranks(self) -> None:
+        """Sum every layer's term sums and counts over the ranks (no-op in one process).
+
+        The sums are float64 totals of float32 per-sample terms, so they do not
+        depend on which rank saw which sample, nor in what order, beyond about
+        1e-16 relative: the scores equal a single-process run's on the same samples.
+        """
+        if not is_distributed():
+            return
+        names = list(self._modules)  # the model's order: the same on every rank
+        num_terms = len(term_names(self._modalities))
+        accs = [self._accumulators[n] for n in names]
+        zeros = torch.zeros(num_terms, dtype=torch.float64)
+        sums = [a.sums if a.sums is not None else zeros for a in accs]
+        counts = [a.counts if a.counts is not None else zeros.long() for a in accs]
+        reduced = sum_across_ranks(sums + counts)
+        for i, acc in enumerate(accs):
+            acc.sums, acc.counts = reduced[i], reduced[len(accs) + i]
 
     def _layer_scores(self) -> dict[str, dict]:
         layers = {}
@@ -358,6 +402,9 @@ class DiversityAwareSparsity(Modifier):
             max_delta=self.max_delta,
             granularity=self.granularity,
         )
+        # Every rank computed the same ratios from the same totals; rank 0's are
+        # broadcast anyway, so the ranks cannot prune at different ratios.
+        allocated = broadcast_object(allocated, src=0)
         assigned = snap_to_rows(allocated, columns)
         if self._pruner is not None:
             assigned = hand_over(self._pruner, model, allocated, assigned)
@@ -371,6 +418,7 @@ class DiversityAwareSparsity(Modifier):
             "granularity": self.granularity,
             "modality_token_ids": self._token_ids,
             "tokens": self._tokens_seen,
+            "ranks": world_size(),
             "pruner": type(self._pruner).__name__ if self._pruner is not None else None,
             "global": {
                 "allocated": sum(allocated[n] * sizes[n] for n in sizes) / total,

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from llmcompressor.core import active_session
 
+from tamp_modifier.distributed import gather_objects, is_distributed
 from tamp_modifier.modality import PADDING, label_tokens
 
 __all__ = ["CalibrationTokenLabels"]
@@ -80,6 +81,25 @@ class CalibrationTokenLabels:
         for labels in self._labels.values():
             seen += torch.bincount(labels[labels >= 0].long(), minlength=num_modalities)[:num_modalities]
         return seen.tolist()
+
+    def check_ranks_distinct(self) -> None:
+        """Under torchrun: raise if every rank calibrated on the very same samples.
+
+        That is what llm-compressor 0.14.0.1 does when all ranks pass one whole
+        dataset (each gets the first rank's share), and the run would then see
+        1/N of the data N times. Collective: every rank must call it.
+        """
+        if not is_distributed():
+            return
+        mine = sorted(f for rows in self._fingerprints.values() for f in rows)
+        everyone = gather_objects(mine)
+        if mine and all(other == mine for other in everyone):
+            raise ValueError(
+                f"all {len(everyone)} ranks calibrated on the same {len(mine)} samples: "
+                "llm-compressor 0.14 hands every rank the first rank's share when all ranks "
+                "pass one whole dataset. Give each rank its own share before oneshot: "
+                "`dataset = tamp_modifier.distributed.rank_share(dataset)`"
+            )
 
     def __bool__(self) -> bool:
         return bool(self._labels)
