@@ -39,6 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import calibrate  # noqa: E402  (same folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -48,11 +51,9 @@ def worker(args) -> None:
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
     import torch
     import transformers
-    from llmcompressor import oneshot
     from loguru import logger
 
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.data import collate_rows
     from tamp_modifier.distributed import (
         barrier,
         gather_objects,
@@ -62,7 +63,7 @@ def worker(args) -> None:
         rank_share,
         world_size,
     )
-    from tamp_modifier.models import TOWER_IGNORE, language_linears, text_decoder_layer_class
+    from tamp_modifier.models import TOWER_IGNORE, language_linears
     from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
 
     logger.remove()
@@ -78,12 +79,7 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = save_tiny_model(model, f"{folder}/dense")
         barrier()  # a common start: the ranks' times are comparable
-        start = time.perf_counter()
-        oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe,
-                num_calibration_samples=len(data), shuffle_calibration_samples=False,
-                max_seq_length=4096, data_collator=collate_rows,
-                sequential_targets=[text_decoder_layer_class(model)])
-        seconds = time.perf_counter() - start
+        seconds, _ = calibrate(model, tokenizer, data, recipe)
     times = gather_objects(seconds)
     if rank() == 0:
         masks = {n: (m.weight == 0).clone() for n, m in language_linears(model).items()}

@@ -36,11 +36,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import reset_peak_rss, rss_mib  # noqa: E402  (same folder)
+from speed import calibrate, method_recipe, reset_peak_rss, rss_mib  # noqa: E402  (same folder)
 
 METHODS = ("das", "amia", "tamp")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -54,12 +53,8 @@ def worker(args) -> None:
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
     import torch
     import transformers
-    from llmcompressor import oneshot
     from loguru import logger
 
-    from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.data import collate_rows
-    from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
     from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
 
     logger.remove()
@@ -69,22 +64,12 @@ def worker(args) -> None:
     model = build_tiny_model("llava", hidden_size=512, intermediate_size=1536, num_layers=args.depth,
                              num_heads=8, num_kv_heads=2, vocab_size=2048, seed=0)
     data = make_calibration_dataset(model, args.samples, text_tokens=args.text_tokens, seed=0)
-    pruner = dict(targets=["Linear"], ignore=TOWER_IGNORE)
-    recipe = {
-        "das": lambda: [DiversityAwareSparsity(sparsity=0.5, ignore=TOWER_IGNORE)],
-        "amia": lambda: [AdaptiveInputActivation(sparsity=0.5, **pruner)],
-        "tamp": lambda: [DiversityAwareSparsity(), AdaptiveInputActivation(sparsity=0.5, **pruner)],
-    }[args.worker]()
+    recipe = method_recipe(args.worker)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = save_tiny_model(model, folder)
         baseline = rss_mib()
         reset = reset_peak_rss()
-        start = time.perf_counter()
-        oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe,
-                num_calibration_samples=len(data), shuffle_calibration_samples=False,
-                max_seq_length=8192, data_collator=collate_rows,
-                sequential_targets=[text_decoder_layer_class(model)])
-        seconds = time.perf_counter() - start
+        seconds, _ = calibrate(model, tokenizer, data, recipe, max_seq_length=8192)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     tokens = max(int(row["input_ids"].shape[-1]) for row in data)
     print(json.dumps(dict(

@@ -60,6 +60,40 @@ def reset_peak_rss():
         return False
 
 
+def method_recipe(method: str) -> list:
+    """The modifiers a benchmark method runs: 50% on the language model's Linears."""
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
+    from tamp_modifier.models import TOWER_IGNORE
+
+    pruner = dict(targets=["Linear"], ignore=TOWER_IGNORE)
+    return {
+        "wanda": lambda: [WandaPruningModifier(sparsity=0.5, **pruner)],
+        "das": lambda: [DiversityAwareSparsity(sparsity=0.5, ignore=TOWER_IGNORE)],
+        "das+wanda": lambda: [DiversityAwareSparsity(), WandaPruningModifier(sparsity=0.5, **pruner)],
+        "amia": lambda: [AdaptiveInputActivation(sparsity=0.5, **pruner)],
+        "tamp": lambda: [DiversityAwareSparsity(), AdaptiveInputActivation(sparsity=0.5, **pruner)],
+    }[method]()
+
+
+def calibrate(model, tokenizer, data, recipe, max_seq_length: int = 4096) -> tuple[float, float]:
+    """oneshot on pre-tokenised rows, in order; returns (wall seconds, process CPU seconds)."""
+    from llmcompressor import oneshot
+
+    from tamp_modifier.data import collate_rows
+    from tamp_modifier.models import text_decoder_layer_class
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    oneshot(
+        model=model, processor=tokenizer, dataset=data, recipe=recipe,
+        num_calibration_samples=len(data), shuffle_calibration_samples=False,
+        max_seq_length=max_seq_length, data_collator=collate_rows,
+        sequential_targets=[text_decoder_layer_class(model)],
+    )
+    return time.perf_counter() - t0, time.process_time() - cpu0
+
+
 def worker(args):
     """One oneshot run of one method; prints a JSON line."""
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -67,8 +101,6 @@ def worker(args):
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # read at llmcompressor import
     import torch
     import transformers
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
     from loguru import logger
 
     logger.remove()
@@ -76,34 +108,17 @@ def worker(args):
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(CORES)
 
-    from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.data import collate_rows
-    from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
     from tamp_modifier.report import attached_report
     from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
 
     model = build_random_vlm(target_params=int(args.target_params), seed=0)
     ds = make_calibration_dataset(model, args.samples, text_tokens=args.text_tokens, seed=0)
-    pruner = dict(targets=["Linear"], ignore=TOWER_IGNORE)
-    recipe = {
-        "wanda": lambda: [WandaPruningModifier(sparsity=0.5, **pruner)],
-        "das": lambda: [DiversityAwareSparsity(sparsity=0.5, ignore=TOWER_IGNORE)],
-        "das+wanda": lambda: [DiversityAwareSparsity(), WandaPruningModifier(sparsity=0.5, **pruner)],
-        "amia": lambda: [AdaptiveInputActivation(sparsity=0.5, **pruner)],
-        "tamp": lambda: [DiversityAwareSparsity(), AdaptiveInputActivation(sparsity=0.5, **pruner)],
-    }[args.worker]()
+    recipe = method_recipe(args.worker)
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = save_tiny_model(model, folder)
         baseline = rss_mib()
         reset = reset_peak_rss()
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        oneshot(
-            model=model, processor=tokenizer, dataset=ds, recipe=recipe,
-            num_calibration_samples=len(ds), shuffle_calibration_samples=False,
-            max_seq_length=4096, data_collator=collate_rows,
-            sequential_targets=[text_decoder_layer_class(model)],
-        )
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        seconds, cpu = calibrate(model, tokenizer, ds, recipe)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; = VmHWM
     lengths = [row["input_ids"].shape[-1] for row in ds]
     split = attached_report(model).get("amia", {}).get("seconds", {})
