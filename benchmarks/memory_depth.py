@@ -32,14 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import calibrate, method_recipe, reset_peak_rss, rss_mib  # noqa: E402  (same folder)
+from speed import measured_calibration, method_recipe  # noqa: E402  (same folder)
 
 METHODS = ("das", "amia", "tamp")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,7 +53,7 @@ def worker(args) -> None:
     import transformers
     from loguru import logger
 
-    from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
@@ -64,17 +62,12 @@ def worker(args) -> None:
     model = build_tiny_model("llava", hidden_size=512, intermediate_size=1536, num_layers=args.depth,
                              num_heads=8, num_kv_heads=2, vocab_size=2048, seed=0)
     data = make_calibration_dataset(model, args.samples, text_tokens=args.text_tokens, seed=0)
-    recipe = method_recipe(args.worker)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = save_tiny_model(model, folder)
-        baseline = rss_mib()
-        reset = reset_peak_rss()
-        seconds, _ = calibrate(model, tokenizer, data, recipe, max_seq_length=8192)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    run = measured_calibration(model, data, method_recipe(args.worker), max_seq_length=8192)
     tokens = max(int(row["input_ids"].shape[-1]) for row in data)
     print(json.dumps(dict(
-        method=args.worker, depth=args.depth, seconds=round(seconds, 1), peak_mib=round(peak),
-        baseline_mib=round(baseline), growth_mib=round(peak - baseline), peak_reset=reset,
+        method=args.worker, depth=args.depth, seconds=round(run["seconds"], 1),
+        **{k: round(run[k]) for k in ("peak_mib", "baseline_mib", "growth_mib")},
+        peak_reset=run["peak_reset"],
         weights_mib=round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
         tokens=tokens, kernel_mib=round(tokens * tokens * 4 / 2**20, 1), samples=len(data),
         threads=torch.get_num_threads(),

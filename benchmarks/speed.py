@@ -94,6 +94,20 @@ def calibrate(model, tokenizer, data, recipe, max_seq_length: int = 4096) -> tup
     return time.perf_counter() - t0, time.process_time() - cpu0
 
 
+def measured_calibration(model, data, recipe, max_seq_length: int = 4096) -> dict:
+    """``calibrate`` with the memory figures: RSS before oneshot, peak RSS during it (MiB)."""
+    from tamp_modifier.synthetic import save_tiny_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = save_tiny_model(model, folder)
+        baseline = rss_mib()
+        reset = reset_peak_rss()
+        seconds, cpu = calibrate(model, tokenizer, data, recipe, max_seq_length)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; = VmHWM
+    return dict(seconds=seconds, cpu_s=cpu, baseline_mib=baseline, peak_mib=peak,
+                growth_mib=peak - baseline, peak_reset=reset)
+
+
 def worker(args):
     """One oneshot run of one method; prints a JSON line."""
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -109,22 +123,15 @@ def worker(args):
     torch.set_num_threads(CORES)
 
     from tamp_modifier.report import attached_report
-    from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset
 
     model = build_random_vlm(target_params=int(args.target_params), seed=0)
     ds = make_calibration_dataset(model, args.samples, text_tokens=args.text_tokens, seed=0)
-    recipe = method_recipe(args.worker)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer = save_tiny_model(model, folder)
-        baseline = rss_mib()
-        reset = reset_peak_rss()
-        seconds, cpu = calibrate(model, tokenizer, ds, recipe)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; = VmHWM
+    run = measured_calibration(model, ds, method_recipe(args.worker))
     lengths = [row["input_ids"].shape[-1] for row in ds]
     split = attached_report(model).get("amia", {}).get("seconds", {})
     print(json.dumps(dict(
-        method=args.worker, seconds=seconds, cpu_s=cpu, peak_mib=peak, growth_mib=peak - baseline,
-        baseline_mib=baseline, peak_reset=reset, torch=torch.__version__, threads=torch.get_num_threads(),
+        method=args.worker, **run, torch=torch.__version__, threads=torch.get_num_threads(),
         params=sum(p.numel() for p in model.parameters()),
         lm_params=sum(p.numel() for p in model.model.language_model.parameters()),
         layers=model.config.text_config.num_hidden_layers,

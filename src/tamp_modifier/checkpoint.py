@@ -21,6 +21,7 @@ saved by llm-compressor 0.14 and compressed-tensors 0.19:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -50,11 +51,13 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    placeholder = torch.empty(0)
-    out = {}
-    for name in names:
-        renamed = revert_weight_conversion(model, {f"{name}.weight": placeholder})
-        out[name] = next(iter(renamed)).removesuffix(".weight")
+    # One call for all names: each gets its own placeholder tensor, so the renamed
+    # keys map back to their names by the tensors' identity.
+    placeholders = {f"{name}.weight": torch.empty(0) for name in names}
+    owner = {id(t): key.removesuffix(".weight") for key, t in placeholders.items()}
+    renamed = revert_weight_conversion(model, placeholders)
+    out = {name: name for name in names}  # a converter that merges weights leaves no one-to-one name
+    out.update({owner[id(t)]: key.removesuffix(".weight") for key, t in renamed.items() if id(t) in owner})
     return out
 
 
@@ -120,28 +123,26 @@ def saved_weights(
     directory = Path(directory)
     saved_as = checkpoint_names(model, names)
     wanted = {saved_as[n]: n for n in names}
-    where: dict[str, dict[str, tuple[Path, str]]] = {n: {} for n in names}
-    for path in _safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
+    where: dict[str, dict[str, tuple]] = {n: {} for n in names}  # name -> local -> (file, key)
+    with contextlib.ExitStack() as stack:
+        for path in _safetensors_files(directory):
+            f = stack.enter_context(safe_open(str(path), framework="pt"))
             for key in f.keys():
                 prefix, _, local = key.rpartition(".")
                 if prefix in wanted:
-                    where[wanted[prefix]][local] = (path, key)
-    for name in names:
-        if not where[name]:
-            raise KeyError(f"{name} (saved as {saved_as[name]}) is not in the checkpoint at {directory}")
-        state = {}
-        for local, (path, key) in where[name].items():
-            with safe_open(str(path), framework="pt") as f:
-                state[local] = f.get_tensor(key)
-        if "weight" in state and "weight_scale" not in state:
-            yield name, state["weight"]
-            continue
-        scheme = getattr(model.get_submodule(name), "quantization_scheme", None)
-        if scheme is None or scheme.format is None:
-            raise ValueError(f"{name} was saved quantized but its quantization scheme or format is unknown")
-        compressor = BaseCompressor.get_value_from_registry(str(scheme.format.value))
-        yield name, compressor.decompress(state, scheme)["weight"]
+                    where[wanted[prefix]][local] = (f, key)
+        for name in names:
+            if not where[name]:
+                raise KeyError(f"{name} (saved as {saved_as[name]}) is not in the checkpoint at {directory}")
+            state = {local: f.get_tensor(key) for local, (f, key) in where[name].items()}
+            if "weight" in state and "weight_scale" not in state:
+                yield name, state["weight"]
+                continue
+            scheme = getattr(model.get_submodule(name), "quantization_scheme", None)
+            if scheme is None or scheme.format is None:
+                raise ValueError(f"{name} was saved quantized but its scheme or format is unknown")
+            compressor = BaseCompressor.get_value_from_registry(str(scheme.format.value))
+            yield name, compressor.decompress(state, scheme)["weight"]
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:

@@ -267,7 +267,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
         masks = {m: self._mask(m) for m in modules if owner[m] == rank()} if is_distributed() else {}
         for module in modules:
             name = self._module_names[module].rstrip(".")
-            sparsity = self._layer_sparsity.get(name, self._module_sparsities[module])
+            sparsity = self._sparsity(module)
             with torch.no_grad(), align_module_device(module):
                 mask = masks.pop(module) if module in masks else None
                 if mask is None and owner[module] == rank():
@@ -313,13 +313,17 @@ class AdaptiveInputActivation(SparsityModifierBase):
 
     def _mask(self, module: torch.nn.Module) -> torch.Tensor:
         """Wanda's mask from the selected tokens' channel norms (True = prune)."""
-        name = self._module_names[module].rstrip(".")
         count = int(self._selected[module].sum())
         norm = torch.sqrt(self._sq_sums[module] / max(count, 1))
-        sparsity = self._layer_sparsity.get(name, self._module_sparsities[module])
         with torch.no_grad(), align_module_device(module):
             weight = module.weight.data
-            return prune_mask(weight, norm.to(weight.device), sparsity, self._prune_n, self._prune_m)
+            return prune_mask(weight, norm.to(weight.device), self._sparsity(module),
+                              self._prune_n, self._prune_m)
+
+    def _sparsity(self, module: torch.nn.Module) -> float:
+        """The module's ratio: DAS's when a DAS ran before, else this modifier's."""
+        name = self._module_names[module].rstrip(".")
+        return self._layer_sparsity.get(name, self._module_sparsities[module])
 
     def _apply_mask(self, module: torch.nn.Module, mask: torch.Tensor, owner: int) -> None:
         """Zero the masked weights on this rank, writing shared storage only once."""
