@@ -23,6 +23,7 @@ from tamp_modifier.distributed import any_rank, broadcast_object, is_distributed
 from tamp_modifier.diversity import DiversityAccumulator, term_names
 from tamp_modifier.modality import resolve_modality_token_ids
 from tamp_modifier.modifiers.adaptive_input_activation import AdaptiveInputActivation
+from tamp_modifier.modifiers.observer_pipeline import ObservedPipelineRun
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
 from tamp_modifier.modifiers.pruner_bridge import (
     check_pruner,
@@ -81,6 +82,11 @@ class DiversityAwareSparsity(Modifier):
     :param ignore: patterns to leave out; None: as ``targets``
     :param profile: path of a saved ``tamp_report.json`` (or its model folder):
         reuse its scores instead of calibrating
+    :param profile_samples: score on the first this many calibration samples
+        only (None: all of them); the pruner after it still uses every sample
+
+    DAS changes no weight, so its calibration runs one forward pass per decoder
+    layer and sample, not llm-compressor's two (``observer_pipeline``).
     """
 
     sparsity: float | None = None
@@ -92,6 +98,7 @@ class DiversityAwareSparsity(Modifier):
     targets: list[str] | None = None
     ignore: list[str] | None = None
     profile: str | None = None
+    profile_samples: int | None = None
     requires_calibration_data: bool = Field(default=True)
 
     _pruner: Modifier | None = PrivateAttr(default=None)
@@ -104,6 +111,8 @@ class DiversityAwareSparsity(Modifier):
     _labels: CalibrationTokenLabels | None = PrivateAttr(default=None)
     _checked_modalities: bool = PrivateAttr(default=False)
     _tokens_seen: dict[str, int] | None = PrivateAttr(default=None)
+    _run: ObservedPipelineRun | None = PrivateAttr(default=None)
+    _samples_scored: int = PrivateAttr(default=0)
 
     @field_validator("allocation", "diversity", "granularity")
     @classmethod
@@ -121,6 +130,8 @@ class DiversityAwareSparsity(Modifier):
     def _check_bounds(self) -> "DiversityAwareSparsity":
         if self.sparsity is not None:
             check_sparsity_bounds(self.sparsity, self.max_delta)
+        if self.profile_samples is not None and self.profile_samples < 1:
+            raise ValueError(f"profile_samples must be a positive integer or null, got {self.profile_samples}")
         if self.profile is not None:
             self.requires_calibration_data = False
         return self
@@ -170,6 +181,8 @@ class DiversityAwareSparsity(Modifier):
             )
         if self.profile is not None:
             return
+        self._run = ObservedPipelineRun(running, (DiversityAwareSparsity,))
+        self._run.skip_propagation()
         token_ids = self._token_ids if self.diversity == "modality" else {}
         self._labels = CalibrationTokenLabels(token_ids)
         blocks = {self._blocks[n] for n in self._modules}
@@ -183,6 +196,13 @@ class DiversityAwareSparsity(Modifier):
         # After each subgraph: stop early on bad data instead of after the last layer.
         # Every check below decides on all ranks' data alike: a rank that raised
         # alone would leave the others waiting in their next collective.
+        if self._labels is not None and self._labels and self._local_sample_limit() is not None:
+            # After the first subgraph (embeddings, towers) every sample's ids are
+            # known; the decoder layers need only the samples that are scored.
+            limit = self._local_sample_limit()
+            self._labels.keep_first(limit)
+            if self._run is not None:
+                self._run.keep_first_samples(limit)
         if self._labels is not None and not self._checked_modalities:
             self._labels.check_ranks_distinct()
             self._check_modalities_seen()
@@ -201,11 +221,14 @@ class DiversityAwareSparsity(Modifier):
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
+        if self._run is not None:
+            self._run.restore()  # before anything can raise: the next pipeline propagates
         if self.profile is None:
             self.on_sequential_epoch_end(state, event)  # last checks
             # Counted now, not at the early modality check: padding is only known
             # once the decoder blocks have run (from their attention masks).
             self._tokens_seen = self._count_tokens() if self.diversity == "modality" else None
+            self._samples_scored = int(sum_across_ranks([torch.tensor(len(self._labels))])[0])
             self._reduce_across_ranks()
             layers = self._layer_scores()
         else:
@@ -218,6 +241,8 @@ class DiversityAwareSparsity(Modifier):
         if not self.ended_:
             self.on_end(state, None)
         self.remove_hooks()
+        if self._run is not None:
+            self._run.restore()
         if self._pruner is not None and self._pruner_sparsity is not None:
             # The saved recipe.yaml should read as written, one global sparsity,
             # so that re-running it reproduces this run.
@@ -316,8 +341,23 @@ class DiversityAwareSparsity(Modifier):
 
     # ------------------------------------------------------------------ hooks
 
+    def _local_sample_limit(self) -> int | None:
+        """How many of this rank's samples are scored (None: all).
+
+        Under torchrun each rank scores its first ceil(profile_samples / ranks).
+        """
+        if self.profile_samples is None:
+            return None
+        return -(-self.profile_samples // world_size())
+
     def _make_layer_hook(self, name: str):
+        limit = self._local_sample_limit()
+
         def hook(_module, _args, output):
+            # Where the cache could not be shortened, the samples past the limit
+            # still run through the layer but are not scored.
+            if limit is not None and active_session().state.current_batch_idx >= limit:
+                return
             out = output.detach()
             self._accumulators[name].update(out, self._labels.current(out.shape[:-1]))
 
@@ -418,6 +458,7 @@ class DiversityAwareSparsity(Modifier):
             "granularity": self.granularity,
             "modality_token_ids": self._token_ids,
             "tokens": self._tokens_seen,
+            "samples": self._samples_scored if self.profile is None else None,
             "ranks": world_size(),
             "pruner": type(self._pruner).__name__ if self._pruner is not None else None,
             "global": {

@@ -104,6 +104,17 @@ class CalibrationTokenLabels:
     def __bool__(self) -> bool:
         return bool(self._labels)
 
+    def __len__(self) -> int:
+        """Samples recorded."""
+        return len(self._labels)
+
+    def keep_first(self, count: int) -> None:
+        """Forget every sample from index ``count`` on (DAS's ``profile_samples``)."""
+        for batch in [b for b in self._labels if b >= count]:
+            del self._labels[batch]
+            self._fingerprints.pop(batch, None)
+            self._padding_read.discard(batch)
+
     def clear(self) -> None:
         self._labels.clear()
         self._fingerprints.clear()
