@@ -174,8 +174,21 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     saved = load_report(out)
     assert set(saved) == {"das", "amia", "pattern", "checkpoint"}
     assert saved["checkpoint"]["pattern"]["intact"]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| task | dense |" in printed and "relative" in printed
+    # Quiet by default: the known noise is filtered, log lines name the output, not
+    # the hidden staging folder, and the last line says where everything is.
+    from tamp_modifier.console import NOISE
+
+    for noise in NOISE:
+        assert noise not in printed + captured.err, noise
+    assert ".tamp-" not in printed and f"saved checkpoint {out} keeps the sparsity pattern" in printed
+    assert printed.rstrip().splitlines()[-1].startswith(f"tamp-prune: pruned in ")
+    assert str(out) in printed.rstrip().splitlines()[-1] and "tamp_report.json" in printed.splitlines()[-1]
+    assert "evaluating the pruned model" in captured.err  # the progress bar (tqdm writes to stderr)
+    tables = printed.split("per-layer sparsity:", 1)[1].split("Accuracy per task", 1)[0]
+    assert max(len(line) for line in tables.splitlines()) <= 100
 
 
 # ---------------------------------------------------------------- training

@@ -145,12 +145,25 @@ def saved_weights(
             yield name, compressor.decompress(state, scheme)["weight"]
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step, readable like save_pretrained's files.
+
+    mkstemp creates its file with mode 0600; the checkpoint's other files get
+    0666 less the umask (usually 0644), and a server running as another user
+    must be able to read these too.
+    """
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def finalize_checkpoint(model: torch.nn.Module, directory: str | os.PathLike) -> dict:

@@ -22,36 +22,9 @@ from pathlib import Path
 
 import yaml
 
-DEMO_OUTPUT = "tamp-demo-out"
+from tamp_prune import DEMO_OUTPUT, check_arguments, parser
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tamp-prune",
-        description="Prune a multimodal model with an llm-compressor recipe that may use "
-        "TAMP's modifiers. With no MODEL, prunes the shipped demo vision-language model and "
-        "compares its accuracy per task before and after.",
-    )
-    p.add_argument("model", nargs="?", help="folder of a transformers model (omit for the demo)")
-    p.add_argument(
-        "--recipe",
-        default="tamp",
-        help="recipe YAML file, or the name of a shipped recipe: "
-        + ", ".join(sorted(_shipped_recipes())),
-    )
-    p.add_argument("--dataset", help="calibration set: a folder saved by datasets' save_to_disk "
-                   "whose rows are processor outputs (input_ids [1, L], pixel_values, ...)")
-    p.add_argument("--output", help=f"where to write the pruned model (demo: ./{DEMO_OUTPUT})")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration samples (default 128)")
-    p.add_argument("--eval-per-family", type=int, default=500,
-                   help="demo only: evaluation questions per task family (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="demo only: calibration set seed")
-    p.add_argument("--max-seq-length", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--sequential-targets", nargs="+",
-                   help="decoder layer class(es); default: the language model's decoder layer")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
+_parser = parser  # the benchmarks build the demo's arguments with it
 
 
 def _shipped_recipes() -> dict[str, Path]:
@@ -81,16 +54,28 @@ def resolve_recipe(recipe: str) -> Path:
     return path
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise SystemExit(f"tamp-prune: {output} exists and is not empty; pass --overwrite to replace it")
+def check_recipe(recipe: Path, model_folder: str | None) -> None:
+    """The recipe parsed as oneshot will parse it, and checked against the model's
+    config.json, before anything is loaded; a problem stops with one line."""
+    import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
+    from tamp_modifier.recipe_check import group_size_problem, recipe_problem
+
+    problem, parsed = recipe_problem(recipe)
+    if problem is None:
+        folder = Path(model_folder) if model_folder else None
+        if folder is None:
+            from tamp_modifier.demo.model import demo_model_path
+
+            folder = demo_model_path()
+        config = json.loads((folder / "config.json").read_text())
+        problem = group_size_problem(parsed, config, recipe.stem)
+    if problem:
+        raise SystemExit(f"tamp-prune: {problem}")
 
 
 def _load_model(folder: str):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if not (Path(folder) / "config.json").is_file():
-        raise SystemExit(f"tamp-prune: {folder} is not a model folder (no config.json)")
     try:
         return AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
     except ValueError:  # not a vision-language class: a text-only model
@@ -160,67 +145,89 @@ def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, 
     return format_accuracy_table(dense, pruned, label=f"{recipe.stem} ({report['sparsity']:.0%} sparse)")
 
 
-def run(args: argparse.Namespace) -> Path:
-    from tamp_modifier.data import load_calibration_dataset
+def _evaluate_demo(model, processor, questions) -> tuple[dict, dict]:
+    from tamp_modifier.demo.evaluate import evaluate
+    from tamp_modifier.demo.model import load_demo_model
+
+    print(f"tamp-prune: evaluating the pruned and the dense model on {len(questions)} "
+          "held-out questions", flush=True)
+    pruned = evaluate(model, processor, questions, progress="pruned model")
+    dense = evaluate(load_demo_model()[0], processor, questions, progress="dense model")
+    return dense, pruned
+
+
+def _print_summary(output: Path, seconds: float, sparsity: float, table: str | None) -> None:
     from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report
     from tamp_modifier.sparsity_pattern import describe_pattern
 
+    print()
+    report = load_report(output / REPORT_FILE_NAME) if (output / REPORT_FILE_NAME).is_file() else {}
+    for key in ("das", "amia"):
+        if key in report:
+            print(f"{report[key]['method']} per-layer sparsity:")
+            print(format_table(report[key]))
+            print()
+    saved = None
+    if "checkpoint" in report:
+        saved = describe_pattern(report["checkpoint"]["pattern"])
+        print(f"Sparsity pattern in the saved weights: {saved}")
+        print()
+    if table:
+        print("Accuracy per task on held-out questions (relative = pruned / dense x 100):")
+        print(table)
+        print()
+    verb = "pruned" if sparsity > 0 else "calibrated (nothing pruned: a profiling recipe)"
+    files = sorted(p.name for p in output.iterdir())
+    print(f"tamp-prune: {verb} in {seconds:.1f} s; written to {output}: {', '.join(files)}")
+
+
+def run(args: argparse.Namespace) -> Path:
+    """The whole command, on arguments ``tamp_prune.check_arguments`` accepted."""
+    from tamp_modifier.console import library_logs
+
+    check_arguments(args)  # again, for callers that skip tamp_prune.main
+    with library_logs(args.verbose) as renames:
+        return _run(args, renames)
+
+
+def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
+    from tamp_modifier.data import load_calibration_dataset
+    from tamp_modifier.models import language_linears
+    from tamp_modifier.report import pruned_share
+
     demo = args.model is None
-    output = Path(args.output or (DEMO_OUTPUT if demo else "")).resolve()
-    if not demo and (not args.output or not args.dataset):
-        raise SystemExit("tamp-prune: with a MODEL, give --dataset and --output too")
+    output = Path(args.output or DEMO_OUTPUT).resolve()
     recipe = resolve_recipe(args.recipe)
-    _check_output(output, args.overwrite)
+    check_recipe(recipe, args.model)  # before minutes of loading
     output.parent.mkdir(parents=True, exist_ok=True)
 
     table = None
     with tempfile.TemporaryDirectory(prefix=".tamp-", dir=output.parent) as scratch:
         staging = Path(scratch) / "result"
+        renames[str(staging)] = str(output)  # log lines name where the files end up
         if demo:
-            from tamp_modifier.demo.evaluate import evaluate
-            from tamp_modifier.demo.model import load_demo_model
-
             model, processor, dataset, questions = _demo_inputs(args)
             # Prune first: a bad recipe then fails before any evaluation is spent.
             seconds = _prune(model, processor, dataset, recipe, args, staging)
-            print(f"tamp-prune: evaluating the pruned and the dense model on {len(questions)} "
-                  "held-out questions", flush=True)
-            pruned = evaluate(model, processor, questions)
-            dense = evaluate(load_demo_model()[0], processor, questions)
+            dense, pruned = _evaluate_demo(model, processor, questions)
             table = _write_demo_report(model, staging, args, recipe, dense, pruned, seconds)
         else:
             dataset = load_calibration_dataset(args.dataset)
             model, processor = _load_model(args.model), _load_processor(args.model)
             seconds = _prune(model, processor, dataset, recipe, args, staging)
+        sparsity = pruned_share(language_linears(model).values())
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
-
-    print()
-    report_path = output / REPORT_FILE_NAME
-    if report_path.is_file():
-        report = load_report(report_path)
-        for key in ("das", "amia"):
-            if key in report:
-                print(f"{report[key]['method']} per-layer sparsity:")
-                print(format_table(report[key]))
-                print()
-        if "checkpoint" in report:
-            saved = describe_pattern(report["checkpoint"]["pattern"])
-            print(f"Sparsity pattern in the saved weights: {saved}")
-            print()
-    if table:
-        print("Accuracy per task on held-out questions (relative = pruned / dense x 100):")
-        print(table)
-        print()
-    print(f"tamp-prune: pruned in {seconds:.1f} s; model, recipe.yaml and reports in {output}")
+    _print_summary(output, seconds, sparsity, table)
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    run(args)
-    return 0
+    """``tamp-prune``; the parsing and the cheap checks are ``tamp_prune.main``'s."""
+    from tamp_prune import main as tamp_prune_main
+
+    return tamp_prune_main(argv)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ __all__ = [
     "PAD_TOKEN_ID",
     "build_tiny_model",
     "build_random_vlm",
+    "build_llava_7b_shaped",
     "build_tiny_tokenizer",
     "word_level_tokenizer",
     "save_tiny_model",
@@ -336,6 +337,54 @@ def build_random_vlm(
         tie_word_embeddings=False,
     )
     return _instantiate("llava", config, seed=seed, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def build_llava_7b_shaped(
+    num_layers: int = 32,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A random LLaVA-1.5-7B-shaped model, built straight on ``device`` in ``dtype``.
+
+    Llama-2-7B text model (hidden 4096, MLP 11008, 32 heads, no GQA, vocab
+    32064; ``num_layers`` decoder layers, 32 in the real one) under a CLIP
+    ViT-L/14-336 tower (width 1024, 24 layers, 576 image tokens) and a linear
+    projector: for timing and memory at real shapes, not for quality. The
+    weights are made on ``device`` directly (no float32 copy on the host).
+    """
+    vocab_size = 32064
+    # Not _text_kwargs: Llama-2-7B has no grouped-query attention, which that refuses.
+    text = dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=vocab_size,
+        max_position_embeddings=4096, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+    config = LlavaConfig(
+        text_config=LlamaConfig(**text),
+        vision_config=CLIPVisionConfig(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            image_size=336, patch_size=14, projection_dim=768,
+        ),
+        image_token_index=_special_ids(vocab_size)["image"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.set_attn_implementation("eager")
+    return model.eval()
 
 
 def build_tiny_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerFast:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+from tqdm import tqdm
 
 from tamp_modifier.demo.model import prompt_batch
 from tamp_modifier.demo.tasks import FAMILIES, Question
@@ -13,11 +14,18 @@ __all__ = ["answer_questions", "evaluate", "relative_performance", "format_accur
 
 
 @torch.no_grad()
-def answer_questions(model, tokenizer, questions: list[Question], batch_size: int = 64) -> list[str]:
-    """The model's greedy next word after each prompt (over the whole vocabulary)."""
+def answer_questions(model, tokenizer, questions: list[Question], batch_size: int = 64,
+                     progress: str | None = None) -> list[str]:
+    """The model's greedy next word after each prompt (over the whole vocabulary).
+
+    :param progress: a label for a progress bar (None: no bar)
+    """
     device = next(model.parameters()).device
     answers = []
-    for start in range(0, len(questions), batch_size):
+    starts = range(0, len(questions), batch_size)
+    if progress is not None:
+        starts = tqdm(starts, desc=f"evaluating the {progress}", unit="batch")
+    for start in starts:
         batch = prompt_batch(questions[start : start + batch_size], tokenizer)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**batch, logits_to_keep=1).logits[:, -1]
@@ -25,10 +33,11 @@ def answer_questions(model, tokenizer, questions: list[Question], batch_size: in
     return answers
 
 
-def evaluate(model, tokenizer, questions: list[Question], batch_size: int = 64) -> dict[str, float]:
+def evaluate(model, tokenizer, questions: list[Question], batch_size: int = 64,
+             progress: str | None = None) -> dict[str, float]:
     """Share of questions answered exactly right, per family (in ``FAMILIES`` order)."""
     right, total = defaultdict(int), defaultdict(int)
-    for q, a in zip(questions, answer_questions(model, tokenizer, questions, batch_size)):
+    for q, a in zip(questions, answer_questions(model, tokenizer, questions, batch_size, progress)):
         total[q.family] += 1
         right[q.family] += a == q.answer
     return {f: right[f] / total[f] for f in FAMILIES if total[f]}

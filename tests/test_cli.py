@@ -1,0 +1,134 @@
+"""tamp-prune's first minute: a fast --help, and one clear line for each bad input, before loading."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import RECIPES, run_oneshot
+
+import tamp_modifier.cli as cli
+from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_prune import SHIPPED_RECIPES
+from tamp_prune import main as tamp_prune
+
+
+def test_help_imports_neither_torch_nor_llmcompressor():
+    code = ("import sys, tamp_prune; text = tamp_prune.parser().format_help(); "
+            "assert 'torch' not in sys.modules and 'llmcompressor' not in sys.modules, sorted(sys.modules); "
+            "print(text)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    text = done.stdout
+    assert "default: tamp" in text and "required with MODEL" in text and text.count("tamp-prune ") >= 3
+    options = text.split("options:", 1)[1]
+    for option in ("--max-seq-length", "--batch-size", "--num-samples", "--sequential-targets"):
+        assert "default" in options.split(f"  {option}", 1)[1].split("\n  --", 1)[0], option
+
+
+def test_shipped_recipe_list_is_the_recipes_folder():
+    assert sorted(SHIPPED_RECIPES) == sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+@pytest.fixture
+def llava_folder(tiny, tmp_path):
+    model, tokenizer, folder = tiny("llava", weights=True)
+    data = make_calibration_dataset(model, 3, seed=1)
+    data.save_to_disk(tmp_path / "calib")
+    return folder, tmp_path / "calib"
+
+
+@pytest.fixture
+def never_load(monkeypatch):
+    """Fail the test if the model would be loaded: every check must come first."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+    monkeypatch.setattr(cli, "_demo_inputs", refuse)
+
+
+def one_line_failure(argv) -> str:
+    with pytest.raises(SystemExit) as stop:
+        tamp_prune(argv)
+    message = str(stop.value.code)
+    assert message.startswith("tamp-prune: ") and "\n" not in message, message
+    return message
+
+
+def test_bad_paths_stop_with_one_line(tmp_path, llava_folder, never_load):
+    model, calib = llava_folder
+    out = str(tmp_path / "out")
+    assert "does not exist" in one_line_failure([str(tmp_path / "nope"), "--dataset", str(calib), "--output", out])
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in one_line_failure([str(tmp_path / "empty"), "--dataset", str(calib), "--output", out])
+    assert "give --dataset DIR and --output DIR" in one_line_failure([str(model), "--output", out])
+    assert "not a saved dataset" in one_line_failure([str(model), "--dataset", str(tmp_path), "--output", out])
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in one_line_failure([str(model), "--dataset", str(tmp_path / "file"), "--output", out])
+    assert "--output" in one_line_failure([str(model), "--dataset", str(calib), "--output", str(tmp_path / "file")])
+    assert "at least 1" in one_line_failure(["--num-samples", "0", "--output", out])
+    assert "Did you mean 'tamp_fp8'" in one_line_failure(["--recipe", "tamp_fp9", "--output", out])
+
+
+def write_recipe(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (("DiversityAwareSparsity:", "DiversityAwareSparsty:"), "did you mean 'DiversityAwareSparsity'"),
+    (("max_delta: 0.1", "max_delt: 0.1"), "has no field 'max_delt'; did you mean 'max_delta'"),
+    (("sparsity: 0.5", "sparsity: 1.5"), "sparsity must be in [0, 1), got 1.5"),
+    (("token_selection: amia", "token_selection: amai"), "token_selection"),
+])
+def test_recipe_problems_stop_before_the_model_is_loaded(tmp_path, llava_folder, never_load, edit, expected):
+    model, calib = llava_folder
+    recipe = write_recipe(tmp_path, (RECIPES / "tamp.yaml").read_text().replace(*edit))
+    message = one_line_failure([str(model), "--dataset", str(calib), "--output", str(tmp_path / "o"),
+                                "--recipe", recipe])
+    assert expected in message
+
+
+def test_w4a16_group_size_is_checked_against_the_model_widths(tmp_path, never_load):
+    # The demo's widths are 192: W4A16's groups of 128 cannot divide them.
+    message = one_line_failure(["--recipe", "tamp_w4a16", "--output", str(tmp_path / "o")])
+    assert "groups of 128" in message and "hidden_size = 192" in message and "group_size 64" in message
+
+
+def test_checkpoint_files_are_readable_by_others(tiny, tmp_path):
+    model, tokenizer, _ = tiny("llava")
+    data = make_calibration_dataset(model, 2, seed=2)
+    old = os.umask(0o022)
+    try:
+        run_oneshot(model, tokenizer, data, str(RECIPES / "tamp_fp8.yaml"), output_dir=tmp_path / "out")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    # As save_pretrained's own JSON files (model.safetensors is 0600 straight from
+    # transformers' save_pretrained here, without llm-compressor or us: not ours to change).
+    assert modes["tamp_report.json"] == modes["config.json"] == modes["tokenizer.json"] == 0o644, modes
+
+
+def test_report_tables_fit_100_columns():
+    from tamp_modifier.report import format_table
+
+    # A 32-layer image-text model's names: the common prefix is printed once, above.
+    layers = {f"model.language_model.layers.{i}.{m}": {
+        "score": 0.5, "terms": {"text": 0.1, "image": 0.2, "text|image": 0.3}, "assigned": 0.5, "realized": 0.5}
+        for i in range(32) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    table = format_table({"method": "DiversityAwareSparsity", "layers": layers, "global": {"assigned": 0.5}})
+    assert max(len(line) for line in table.splitlines()) <= 100
+    assert table.startswith("layers under model.language_model.layers.\n")
+    assert "\n31.mlp.down_proj " in table
+    selection = {n: {"selected": {"text": 3, "image": 40}, "sparsity": 0.5, "mask_structure": "0:0",
+                     "share": 0.1, "realized": 0.5} for n in layers}
+    table = format_table({"method": "AdaptiveInputActivation", "layers": selection,
+                          "selected_share": {"text": 0.2, "image": 0.1}})
+    assert max(len(line) for line in table.splitlines()) <= 100
