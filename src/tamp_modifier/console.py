@@ -68,6 +68,10 @@ def library_logs(verbose: bool):
 
     logger.remove()
     logger.enable("llmcompressor")
+    try:
+        logger.level("METRIC")
+    except ValueError:  # llm-compressor adds its level only when its logger starts enabled
+        logger.level("METRIC", no=38, color="<yellow>")
     logger.configure(patcher=rename)
     logger.add(
         sys.stdout,

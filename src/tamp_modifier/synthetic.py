@@ -56,6 +56,7 @@ __all__ = [
     "build_random_vlm",
     "build_llava_7b_shaped",
     "build_tiny_tokenizer",
+    "build_tiny_processor",
     "word_level_tokenizer",
     "save_tiny_model",
     "make_calibration_dataset",
@@ -406,6 +407,43 @@ def build_tiny_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerFast:
             names[getattr(cfg, attr)] = name
     # Unused reserved slots keep distinct names so the vocab stays a bijection.
     return word_level_tokenizer({names.get(i, f"t{i}"): i for i in range(vocab_size)})
+
+
+# USER/ASSISTANT turns, an image as its placeholder: enough for apply_chat_template
+# and for vLLM's chat endpoint, which both need a template in the checkpoint.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }} {% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image> "
+    "{% else %}{{ item['text'] }} {% endif %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_processor(model: PreTrainedModel):
+    """A real ``LlavaProcessor`` for a tiny LLaVA: image processor, tokenizer, chat template.
+
+    The image processor resizes and crops to the tower's size with CLIP's usual
+    normalisation (the PIL backend: torchvision is not needed). Saved with
+    ``save_pretrained`` beside the model, the folder is what a hub LLaVA folder
+    is: ``AutoProcessor`` loads it and ``examples/calibration.py`` turns images
+    into calibration rows with it.
+    """
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    if family_of(model) != "llava":
+        raise ValueError(f"build_tiny_processor builds LLaVA processors; got {family_of(model)}")
+    size = model.config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=build_tiny_tokenizer(model),
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
 
 
 def word_level_tokenizer(vocab: dict[str, int], **kwargs) -> PreTrainedTokenizerFast:
