@@ -132,3 +132,32 @@ def test_report_tables_fit_100_columns():
     table = format_table({"method": "AdaptiveInputActivation", "layers": selection,
                           "selected_share": {"text": 0.2, "image": 0.1}})
     assert max(len(line) for line in table.splitlines()) <= 100
+
+
+def test_readme_own_model_commands_run_as_written(tmp_path):
+    """The README's "Your own model" block, line by line, in a fresh folder."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- own-model -->", 1)[1].split("<!-- /own-model -->", 1)[0]
+    commands = [line.strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 3
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for command in commands:
+        command = command.replace("examples/", f"{root}/examples/")
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    out = tmp_path / "my-model-tamp"
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "recipe.yaml", "tamp_report.json", "chat_template.jinja",
+            "processor_config.json", "tokenizer.json"} <= files
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tamp_modifier.models import language_linears
+    from tamp_modifier.report import pruned_share
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)  # servable: the processor came along
+    assert pruned_share(language_linears(model).values()) == pytest.approx(0.5, abs=0.01)
+    assert "tamp-prune: pruned in" in done.stdout and str(out) in done.stdout
