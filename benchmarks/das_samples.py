@@ -75,13 +75,11 @@ def main() -> int:
     p.add_argument("--samples", nargs="+", type=int, default=list(SAMPLES))
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
-    import torch
-    from loguru import logger
+    from speed import quiet_worker  # benchmarks/ is on sys.path when run as a script
 
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
+    quiet_worker()
+    import torch
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     total = max(args.samples)
     results = {}

@@ -122,13 +122,11 @@ def main() -> int:
         return compare(*args.compare)
     if not args.dump:
         p.error("give --dump FILE or --compare OLD NEW")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
-    import torch
-    from loguru import logger
+    from speed import quiet_worker  # benchmarks/ is on sys.path when run as a script
 
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
+    quiet_worker()
+    import torch
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     result = {}
     for name in args.models:

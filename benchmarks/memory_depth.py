@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import measured_calibration, method_recipe  # noqa: E402  (same folder)
+from speed import measured_calibration, method_recipe, quiet_worker  # noqa: E402  (same folder)
 
 METHODS = ("das", "amia", "tamp")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,17 +47,11 @@ MALLOC = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRI
 
 def worker(args) -> None:
     """One oneshot run at one depth; prints a JSON line."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+    quiet_worker()
     import torch
-    import transformers
-    from loguru import logger
 
     from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
 
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     model = build_tiny_model("llava", hidden_size=512, intermediate_size=1536, num_layers=args.depth,
                              num_heads=8, num_kv_heads=2, vocab_size=2048, seed=0)

@@ -114,18 +114,26 @@ def measured_calibration(model, data, recipe, max_seq_length: int = 4096) -> dic
                 growth_mib=peak - baseline, peak_reset=reset)
 
 
-def worker(args):
-    """One oneshot run of one method; prints a JSON line."""
+def quiet_worker() -> None:
+    """A benchmark process's output down to warnings: no progress bars, no INFO logs.
+
+    Call before llm-compressor is imported (it reads its log level at import)."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # read at llmcompressor import
-    import torch
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
     import transformers
     from loguru import logger
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     transformers.logging.set_verbosity_error()
+
+
+def worker(args):
+    """One oneshot run of one method; prints a JSON line."""
+    quiet_worker()
+    import torch
+
     torch.set_num_threads(CORES)
 
     from tamp_modifier.report import attached_report

@@ -36,17 +36,10 @@ IMAGE_TOKENS = 576
 
 
 def worker(args) -> None:
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+    from speed import calibrate, method_recipe, quiet_worker
+
+    quiet_worker()
     import torch
-    import transformers
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    transformers.logging.set_verbosity_error()
-
-    from speed import calibrate, method_recipe
 
     from tamp_modifier.report import attached_report
     from tamp_modifier.synthetic import build_llava_7b_shaped, make_calibration_dataset, save_tiny_model

@@ -62,12 +62,11 @@ def check_recipe(recipe: Path, model_folder: str | None) -> None:
 
     problem, parsed = recipe_problem(recipe)
     if problem is None:
-        folder = Path(model_folder) if model_folder else None
-        if folder is None:
+        if model_folder is None:
             from tamp_modifier.demo.model import demo_model_path
 
-            folder = demo_model_path()
-        config = json.loads((folder / "config.json").read_text())
+            model_folder = demo_model_path()
+        config = json.loads((Path(model_folder) / "config.json").read_text())
         problem = group_size_problem(parsed, config, recipe.stem)
     if problem:
         raise SystemExit(f"tamp-prune: {problem}")
@@ -167,10 +166,8 @@ def _print_summary(output: Path, seconds: float, sparsity: float, table: str | N
             print(f"{report[key]['method']} per-layer sparsity:")
             print(format_table(report[key]))
             print()
-    saved = None
     if "checkpoint" in report:
-        saved = describe_pattern(report["checkpoint"]["pattern"])
-        print(f"Sparsity pattern in the saved weights: {saved}")
+        print(f"Sparsity pattern in the saved weights: {describe_pattern(report['checkpoint']['pattern'])}")
         print()
     if table:
         print("Accuracy per task on held-out questions (relative = pruned / dense x 100):")

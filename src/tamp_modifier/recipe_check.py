@@ -23,13 +23,14 @@ def _closest(name: str, choices) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _modifier_names() -> list[str]:
+def _registered_modifiers() -> dict:
+    """Every modifier class llm-compressor's recipe parser can find, by name."""
     from llmcompressor.modifiers.factory import ModifierFactory
 
     if not ModifierFactory._main_registry:
         ModifierFactory.refresh()
-    return sorted({*ModifierFactory._main_registry, *ModifierFactory._experimental_registry,
-                   *ModifierFactory._registered_registry})
+    return {**ModifierFactory._main_registry, **ModifierFactory._experimental_registry,
+            **ModifierFactory._registered_registry}
 
 
 def _pydantic_message(error, recipe: Path) -> str:
@@ -39,20 +40,13 @@ def _pydantic_message(error, recipe: Path) -> str:
     if first["type"] == "extra_forbidden":
         from llmcompressor.modifiers import Modifier
 
-        cls = _all_classes().get(modifier)
+        cls = _registered_modifiers().get(modifier)
         # Its own settings, not the lifecycle bookkeeping every Modifier has.
         fields = sorted(set(cls.model_fields) - set(Modifier.model_fields)) if cls else []
         return (f"{recipe}: {modifier} has no field {field!r}{_closest(field, fields)} "
                 f"(its fields: {', '.join(fields)})")
     message = first["msg"].removeprefix("Value error, ")
     return f"{recipe}: {modifier}.{field}: {message}" if field != "(modifier)" else f"{recipe}: {modifier}: {message}"
-
-
-def _all_classes() -> dict:
-    from llmcompressor.modifiers.factory import ModifierFactory
-
-    return {**ModifierFactory._main_registry, **ModifierFactory._experimental_registry,
-            **ModifierFactory._registered_registry}
 
 
 def recipe_problem(recipe: str | Path):
@@ -71,7 +65,7 @@ def recipe_problem(recipe: str | Path):
         missing = re.search(r"No modifier of type '([^']+)' found", str(error))
         if missing:
             name = missing.group(1)
-            return (f"{recipe}: no modifier named {name!r}{_closest(name, _modifier_names())} "
+            return (f"{recipe}: no modifier named {name!r}{_closest(name, _registered_modifiers())} "
                     "(TAMP's are DiversityAwareSparsity and AdaptiveInputActivation)"), None
         return f"{recipe}: {error}", None
     return None, parsed
