@@ -196,10 +196,10 @@ class DiversityAwareSparsity(Modifier):
         # After each subgraph: stop early on bad data instead of after the last layer.
         # Every check below decides on all ranks' data alike: a rank that raised
         # alone would leave the others waiting in their next collective.
-        if self._labels is not None and self._labels and self._local_sample_limit() is not None:
+        limit = self._local_sample_limit()
+        if limit is not None and self._labels:
             # After the first subgraph (embeddings, towers) every sample's ids are
             # known; the decoder layers need only the samples that are scored.
-            limit = self._local_sample_limit()
             self._labels.keep_first(limit)
             if self._run is not None:
                 self._run.keep_first_samples(limit)
