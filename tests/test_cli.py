@@ -161,3 +161,16 @@ def test_readme_own_model_commands_run_as_written(tmp_path):
     AutoProcessor.from_pretrained(out)  # servable: the processor came along
     assert pruned_share(language_linears(model).values()) == pytest.approx(0.5, abs=0.01)
     assert "tamp-prune: pruned in" in done.stdout and str(out) in done.stdout
+
+
+def test_a_processor_that_cannot_load_is_said_and_its_files_kept(tmp_path, llava_folder, capsys):
+    model, calib = llava_folder  # config, weights and tokenizer: no processor yet
+    broken = {"image_processor_type": "NoSuchImageProcessor", "size": {"shortest_edge": 32}}
+    (model / "preprocessor_config.json").write_text(__import__("json").dumps(broken))
+    (model / "chat_template.jinja").write_text("{{ messages }}")
+    out = tmp_path / "out"
+    assert tamp_prune([str(model), "--dataset", str(calib), "--output", str(out), "--recipe", "das_wanda"]) == 0
+    printed = capsys.readouterr().out
+    assert "AutoProcessor cannot load" in printed and "copied to the output unchanged" in printed
+    for name in ("preprocessor_config.json", "chat_template.jinja"):
+        assert (out / name).read_text() == (model / name).read_text(), name

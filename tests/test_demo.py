@@ -184,7 +184,7 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     for noise in NOISE:
         assert noise not in printed + captured.err, noise
     assert ".tamp-" not in printed and f"saved checkpoint {out} keeps the sparsity pattern" in printed
-    assert printed.rstrip().splitlines()[-1].startswith(f"tamp-prune: pruned in ")
+    assert printed.rstrip().splitlines()[-1].startswith("tamp-prune: pruned in ")
     assert str(out) in printed.rstrip().splitlines()[-1] and "tamp_report.json" in printed.splitlines()[-1]
     assert "evaluating the pruned model" in captured.err  # the progress bar (tqdm writes to stderr)
     tables = printed.split("per-layer sparsity:", 1)[1].split("Accuracy per task", 1)[0]

@@ -81,13 +81,37 @@ def _load_model(folder: str):
         return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
 
 
+# What a processor is saved as (transformers 5 and earlier layouts); a checkpoint
+# without them cannot be served (vLLM builds its inputs from them).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
 def _load_processor(folder: str):
+    from loguru import logger
     from transformers import AutoProcessor, AutoTokenizer
 
     try:
         return AutoProcessor.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, ImportError):
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        found = [n for n in PROCESSOR_FILES if (Path(folder) / n).is_file()]
+        logger.warning(
+            f"tamp-prune: AutoProcessor cannot load {folder} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160]}); calibrating with its tokenizer. "
+            + (f"Its processor files ({', '.join(found)}) are copied to the output unchanged."
+               if found else "It has no processor files, so the output will have none either.")
+        )
         return AutoTokenizer.from_pretrained(folder)
+
+
+def _copy_missing_processor_files(source: Path, staging: Path) -> list[str]:
+    """Processor files of the input folder that the save did not write, copied as they are."""
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file() and not (staging / name).exists():
+            shutil.copy2(source / name, staging / name)
+            copied.append(name)
+    return copied
 
 
 def _demo_inputs(args: argparse.Namespace):
@@ -212,6 +236,7 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
             dataset = load_calibration_dataset(args.dataset)
             model, processor = _load_model(args.model), _load_processor(args.model)
             seconds = _prune(model, processor, dataset, recipe, args, staging)
+            _copy_missing_processor_files(Path(args.model), staging)
         sparsity = pruned_share(language_linears(model).values())
         if output.exists():
             shutil.rmtree(output)
