@@ -7,7 +7,9 @@ and writes, into ``--out`` (default ``benchmarks/results``):
 
     runs.jsonl                   each run as it finishes (a rerun skips those)
     quality.json                 every run: accuracy per task, relative
-                                 performance, wall time, peak memory
+                                 performance, fidelity to the dense model
+                                 (KL, answer NLL, same answer; per task and
+                                 overall), wall time, peak memory
     quality.md                   mean +- std over seeds, per method and setting
     relative_vs_sparsity.png     relative performance against sparsity (paper Fig. 5)
     das_layer_sparsity.png       DAS's per-layer sparsity by projection and depth (Figs. 7, 8)
@@ -105,7 +107,7 @@ def run_one(job: dict) -> dict:
     import tamp_modifier  # noqa: F401
     from tamp_modifier.baselines import magnitude_prune
     from tamp_modifier.data import collate_rows
-    from tamp_modifier.demo.evaluate import evaluate
+    from tamp_modifier.demo.evaluate import answer_log_probs, compare_with_dense
     from tamp_modifier.demo.model import demo_calibration_set, load_demo_model
     from tamp_modifier.demo.tasks import make_split
     from tamp_modifier.models import language_linears
@@ -133,21 +135,29 @@ def run_one(job: dict) -> dict:
     das = attached_report(model).get("das")
     if das:
         extra["das_layer_sparsity"] = {n: layer["assigned"] for n, layer in das["layers"].items()}
-    accuracy = evaluate(model, tokenizer, make_split("eval", job["eval_per_family"]))
-    return {**job, "accuracy": accuracy, "seconds": round(seconds, 2), "peak_rss_mib": round(peak),
-            "sparsity": pruned_share(language_linears(model).values()), **extra}
+    questions = make_split("eval", job["eval_per_family"])
+    dense = torch.load(job["dense_log_probs"])
+    _, accuracy, fidelity = compare_with_dense(dense, answer_log_probs(model, tokenizer, questions),
+                                               tokenizer, questions)
+    job = {k: v for k, v in job.items() if k != "dense_log_probs"}
+    return {**job, "accuracy": accuracy, "fidelity": fidelity, "seconds": round(seconds, 2),
+            "peak_rss_mib": round(peak), "sparsity": pruned_share(language_linears(model).values()), **extra}
 
 
-def dense_accuracy(eval_per_family: int) -> dict:
+def dense_log_probs(eval_per_family: int, path: Path) -> dict:
+    """The dense model's answer log-probabilities, saved for the workers; returns its accuracy."""
     import torch
 
-    torch.set_num_threads(1)
-    from tamp_modifier.demo.evaluate import evaluate
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    from tamp_modifier.demo.evaluate import accuracy, answer_log_probs
     from tamp_modifier.demo.model import load_demo_model
     from tamp_modifier.demo.tasks import make_split
 
     model, tokenizer = load_demo_model()
-    return evaluate(model, tokenizer, make_split("eval", eval_per_family))
+    questions = make_split("eval", eval_per_family)
+    log_probs = answer_log_probs(model, tokenizer, questions)
+    torch.save(log_probs, path)
+    return accuracy(tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist()), questions)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -170,6 +180,9 @@ def summarize(runs: list[dict], dense: dict) -> list[dict]:
                    "peak_rss_mib": max(r["peak_rss_mib"] for r in group),
                    "sparsity": statistics.fmean(r["sparsity"] for r in group)}
             row["accuracy"] = {f: _mean_std([r["accuracy"][f] for r in group]) for f in dense}
+            measured = [r["fidelity"]["overall"] for r in group if "fidelity" in r]  # older runs lack it
+            if measured:
+                row["fidelity"] = {k: _mean_std([m[k] for m in measured]) for k in ("kl", "nll", "agreement")}
             rows.append(row)
     return rows
 
@@ -177,9 +190,10 @@ def summarize(runs: list[dict], dense: dict) -> list[dict]:
 def markdown(rows: list[dict], dense: dict) -> str:
     families = list(dense)
     head = ("| setting | method | " + " | ".join(families)
-            + " | relative perf. | time (s) | peak RSS (MiB) |")
-    lines = [head, "|---|---|" + "---:|" * (len(families) + 3)]
-    lines.append("| dense | - | " + " | ".join(f"{dense[f]:.1%}" for f in families) + " | 100.0 | - | - |")
+            + " | relative perf. | KL(dense‖pruned) | answer NLL | same answer | time (s) | peak RSS (MiB) |")
+    lines = [head, "|---|---|" + "---:|" * (len(families) + 6)]
+    lines.append("| dense | - | " + " | ".join(f"{dense[f]:.1%}" for f in families)
+                 + " | 100.0 | 0 | - | 100% | - | - |")
     best = {}
     for r in rows:
         best[r["setting"]] = max(best.get(r["setting"], 0.0), r["relative"][0])
@@ -188,7 +202,10 @@ def markdown(rows: list[dict], dense: dict) -> str:
         rel = f"{r['relative'][0]:.1f} ± {r['relative'][1]:.1f}"
         if r["relative"][0] == best[r["setting"]]:
             rel = f"**{rel}**"
-        lines.append(f"| {r['setting']} | {r['method']} | {acc} | {rel} | {r['seconds'][0]:.1f} | "
+        fid = r.get("fidelity")
+        fid = (f"{fid['kl'][0]:.4f} | {fid['nll'][0]:.4f} | {fid['agreement'][0]:.1%}" if fid
+               else "- | - | -")  # runs from before the metrics existed
+        lines.append(f"| {r['setting']} | {r['method']} | {acc} | {rel} | {fid} | {r['seconds'][0]:.1f} | "
                      f"{r['peak_rss_mib']} |")
     return "\n".join(lines)
 
@@ -265,17 +282,19 @@ def main(argv=None) -> int:
     todo = [j for j in jobs if key(j) not in done]
     print(f"{len(jobs) - len(todo)} runs already in {log}; {len(todo)} to go", flush=True)
     start = time.perf_counter()
+    # The dense model's answer distributions, once, for every run's fidelity figures.
+    dense_path = out / f"dense_log_probs_{args.eval_per_family}.pt"
+    dense = dense_log_probs(args.eval_per_family, dense_path)
+    todo = [{**j, "dense_log_probs": str(dense_path)} for j in todo]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
-        dense_job = pool.apply_async(dense_accuracy, (args.eval_per_family,))
         for i, run in enumerate(pool.imap_unordered(run_one, todo), 1):
             runs.append(run)
             with log.open("a") as f:
                 f.write(json.dumps(run) + "\n")
             print(f"[{i}/{len(todo)}] {run['method']} {run['setting']} seed {run['seed']}: "
                   + ", ".join(f"{f} {a:.0%}" for f, a in run["accuracy"].items())
-                  + f" ({run['seconds']:.1f} s)", flush=True)
-        dense = dense_job.get()
+                  + f", KL {run['fidelity']['overall']['kl']:.4f} ({run['seconds']:.1f} s)", flush=True)
     runs = [r for r in runs if key(r) in {key(j) for j in jobs}]
     rows = summarize(runs, dense)
     table = markdown(rows, dense)

@@ -164,6 +164,9 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     assert set(report) >= {"method", "sparsity", "dense_accuracy", "pruned_accuracy",
                            "relative_performance", "prune_seconds"}
     assert report["method"] == "tamp" and report["sparsity"] == pytest.approx(0.5, abs=0.01)
+    overall = report["fidelity"]["overall"]
+    assert overall["questions"] == 20 * len(FAMILIES) and overall["kl"] >= 0
+    assert set(report["fidelity"]) == {*FAMILIES, "overall"}
     dense, pruned = report["dense_accuracy"], report["pruned_accuracy"]
     assert list(dense) == list(FAMILIES)
     for f in FAMILIES:
@@ -177,6 +180,7 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "| task | dense |" in printed and "relative" in printed
+    assert "Fidelity to the dense model at the answer" in printed and "| **overall** |" in printed
     # Quiet by default: the known noise is filtered, log lines name the output, not
     # the hidden staging folder, and the last line says where everything is.
     from tamp_modifier.console import NOISE

@@ -146,9 +146,11 @@ def _prune(model, processor, dataset, recipe: Path, args: argparse.Namespace, st
     return time.perf_counter() - start
 
 
-def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, seconds: float) -> str:
-    """``report.json`` (accuracies, relative performance, method, sparsity, time); returns the table."""
-    from tamp_modifier.demo.evaluate import format_accuracy_table, relative_performance
+def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, fidelity,
+                       seconds: float) -> str:
+    """``report.json`` (accuracies, relative performance, fidelity, method, sparsity, time); returns
+    the tables."""
+    from tamp_modifier.demo.evaluate import format_accuracy_table, format_fidelity_table, relative_performance
     from tamp_modifier.models import language_linears
     from tamp_modifier.report import pruned_share
 
@@ -162,21 +164,25 @@ def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, 
         "dense_accuracy": dense,
         "pruned_accuracy": pruned,
         "relative_performance": relative_performance(pruned, dense),
+        "fidelity": fidelity,
         "prune_seconds": round(seconds, 2),
     }
     (staging / "report.json").write_text(json.dumps(report, indent=2))
-    return format_accuracy_table(dense, pruned, label=f"{recipe.stem} ({report['sparsity']:.0%} sparse)")
+    table = format_accuracy_table(dense, pruned, label=f"{recipe.stem} ({report['sparsity']:.0%} sparse)")
+    return (table + "\n\nFidelity to the dense model at the answer (whole vocabulary, means per question):\n"
+            + format_fidelity_table(fidelity))
 
 
-def _evaluate_demo(model, processor, questions) -> tuple[dict, dict]:
-    from tamp_modifier.demo.evaluate import evaluate
+def _evaluate_demo(model, processor, questions) -> tuple[dict, dict, dict]:
+    """Dense and pruned accuracy per family, and the pruned model's fidelity to the dense one."""
+    from tamp_modifier.demo.evaluate import answer_log_probs, compare_with_dense
     from tamp_modifier.demo.model import load_demo_model
 
     print(f"tamp-prune: evaluating the pruned and the dense model on {len(questions)} "
           "held-out questions", flush=True)
-    pruned = evaluate(model, processor, questions, progress="pruned model")
-    dense = evaluate(load_demo_model()[0], processor, questions, progress="dense model")
-    return dense, pruned
+    pruned = answer_log_probs(model, processor, questions, progress="pruned model")
+    dense = answer_log_probs(load_demo_model()[0], processor, questions, progress="dense model")
+    return compare_with_dense(dense, pruned, processor, questions)
 
 
 def _print_summary(output: Path, seconds: float, sparsity: float, table: str | None) -> None:
@@ -230,8 +236,8 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
             model, processor, dataset, questions = _demo_inputs(args)
             # Prune first: a bad recipe then fails before any evaluation is spent.
             seconds = _prune(model, processor, dataset, recipe, args, staging)
-            dense, pruned = _evaluate_demo(model, processor, questions)
-            table = _write_demo_report(model, staging, args, recipe, dense, pruned, seconds)
+            dense, pruned, fidelity = _evaluate_demo(model, processor, questions)
+            table = _write_demo_report(model, staging, args, recipe, dense, pruned, fidelity, seconds)
         else:
             dataset = load_calibration_dataset(args.dataset)
             model, processor = _load_model(args.model), _load_processor(args.model)

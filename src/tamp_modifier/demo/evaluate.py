@@ -1,4 +1,4 @@
-"""Accuracy per task family, and relative performance (pruned / dense x 100)."""
+"""Accuracy per task family, relative performance (pruned / dense x 100), and fidelity to the dense model."""
 
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ from tqdm import tqdm
 from tamp_modifier.demo.model import prompt_batch
 from tamp_modifier.demo.tasks import FAMILIES, Question
 
-__all__ = ["answer_questions", "evaluate", "relative_performance", "format_accuracy_table"]
+__all__ = [
+    "accuracy", "answer_log_probs", "answer_questions", "compare_with_dense", "evaluate",
+    "format_accuracy_table", "format_fidelity_table", "relative_performance",
+]
 
 
 @torch.no_grad()
-def answer_questions(model, tokenizer, questions: list[Question], batch_size: int = 64,
-                     progress: str | None = None) -> list[str]:
-    """The model's greedy next word after each prompt (over the whole vocabulary).
+def answer_log_probs(model, tokenizer, questions: list[Question], batch_size: int = 64,
+                     progress: str | None = None) -> torch.Tensor:
+    """``[Q, V]`` log-softmax of the next token after each prompt (the answer position).
 
     :param progress: a label for a progress bar (None: no bar)
     """
     device = next(model.parameters()).device
-    answers = []
+    out = []
     starts = range(0, len(questions), batch_size)
     if progress is not None:
         starts = tqdm(starts, desc=f"evaluating the {progress}", unit="batch")
@@ -29,18 +32,44 @@ def answer_questions(model, tokenizer, questions: list[Question], batch_size: in
         batch = prompt_batch(questions[start : start + batch_size], tokenizer)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**batch, logits_to_keep=1).logits[:, -1]
-        answers += tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-    return answers
+        # float64: distinct float32 logits stay distinct, so argmax is the logits' argmax
+        out.append(torch.log_softmax(logits.double(), -1).cpu())
+    return torch.cat(out)
+
+
+def answer_questions(model, tokenizer, questions: list[Question], batch_size: int = 64,
+                     progress: str | None = None) -> list[str]:
+    """The model's greedy next word after each prompt (over the whole vocabulary)."""
+    log_probs = answer_log_probs(model, tokenizer, questions, batch_size, progress)
+    return tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
+
+
+def accuracy(answers: list[str], questions: list[Question]) -> dict[str, float]:
+    """Share of questions answered exactly right, per family (in ``FAMILIES`` order)."""
+    right, total = defaultdict(int), defaultdict(int)
+    for q, a in zip(questions, answers):
+        total[q.family] += 1
+        right[q.family] += a == q.answer
+    return {f: right[f] / total[f] for f in FAMILIES if total[f]}
 
 
 def evaluate(model, tokenizer, questions: list[Question], batch_size: int = 64,
              progress: str | None = None) -> dict[str, float]:
     """Share of questions answered exactly right, per family (in ``FAMILIES`` order)."""
-    right, total = defaultdict(int), defaultdict(int)
-    for q, a in zip(questions, answer_questions(model, tokenizer, questions, batch_size, progress)):
-        total[q.family] += 1
-        right[q.family] += a == q.answer
-    return {f: right[f] / total[f] for f in FAMILIES if total[f]}
+    return accuracy(answer_questions(model, tokenizer, questions, batch_size, progress), questions)
+
+
+def compare_with_dense(dense_log_probs: torch.Tensor, pruned_log_probs: torch.Tensor, tokenizer,
+                       questions: list[Question]) -> tuple[dict, dict, dict]:
+    """``(dense accuracy, pruned accuracy, fidelity)`` from both models' answer log-probabilities."""
+    from tamp_modifier.demo.fidelity import fidelity
+
+    def answers(log_probs):
+        return tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
+
+    answer_ids = tokenizer.convert_tokens_to_ids([q.answer for q in questions])
+    return (accuracy(answers(dense_log_probs), questions), accuracy(answers(pruned_log_probs), questions),
+            fidelity(dense_log_probs, pruned_log_probs, answer_ids, [q.family for q in questions]))
 
 
 def relative_performance(pruned: dict[str, float], dense: dict[str, float]) -> dict[str, float | None]:
@@ -70,4 +99,14 @@ def format_accuracy_table(dense: dict[str, float], pruned: dict[str, float], lab
     mean_dense = sum(dense.values()) / len(dense)
     mean_pruned = sum(pruned[f] for f in dense) / len(dense)
     lines.append(f"| **mean** | {mean_dense:.1%} | {mean_pruned:.1%} | **{show(rel['mean'])}** |")
+    return "\n".join(lines)
+
+
+def format_fidelity_table(fidelity: dict[str, dict[str, float]]) -> str:
+    """Markdown table: KL(dense || pruned), answer NLL (pruned, dense), agreement, per family."""
+    lines = ["| task | KL(dense‖pruned) (nats) | answer NLL, pruned | answer NLL, dense | same answer as dense |",
+             "|---|---:|---:|---:|---:|"]
+    for name, f in fidelity.items():
+        label = "**overall**" if name == "overall" else name
+        lines.append(f"| {label} | {f['kl']:.4f} | {f['nll']:.4f} | {f['nll_dense']:.4f} | {f['agreement']:.1%} |")
     return "\n".join(lines)
