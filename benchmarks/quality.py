@@ -149,7 +149,7 @@ def dense_log_probs(eval_per_family: int, path: Path) -> dict:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    from tamp_modifier.demo.evaluate import accuracy, answer_log_probs
+    from tamp_modifier.demo.evaluate import accuracy, answer_log_probs, greedy_answers
     from tamp_modifier.demo.model import load_demo_model
     from tamp_modifier.demo.tasks import make_split
 
@@ -157,7 +157,7 @@ def dense_log_probs(eval_per_family: int, path: Path) -> dict:
     questions = make_split("eval", eval_per_family)
     log_probs = answer_log_probs(model, tokenizer, questions)
     torch.save(log_probs, path)
-    return accuracy(tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist()), questions)
+    return accuracy(greedy_answers(log_probs, tokenizer), questions)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_RECIPE", "SHIPPED_RECIPES", "check_arguments", "main", "parser"]
+__all__ = [
+    "DEFAULT_RECIPE", "SHIPPED_RECIPES", "check_arguments", "check_recipe_name", "main", "parser",
+]
 
 DEMO_OUTPUT = "tamp-demo-out"
 DEFAULT_RECIPE = "tamp"
@@ -112,16 +114,20 @@ def check_arguments(args: argparse.Namespace) -> None:
         _fail(f"--output {output} is a file; give a folder (it is created if missing)")
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         _fail(f"{output} exists and is not empty; pass --overwrite to replace it")
-    recipe = Path(args.recipe)
-    if not recipe.is_file() and args.recipe not in SHIPPED_RECIPES:
-        if recipe.suffix in (".yaml", ".yml") or "/" in args.recipe:
-            _fail(f"recipe file {args.recipe} does not exist")
-        import difflib
+    check_recipe_name(args.recipe)
 
-        close = difflib.get_close_matches(args.recipe, SHIPPED_RECIPES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        _fail(f"recipe {args.recipe!r} is neither a file nor a shipped recipe "
-              f"({', '.join(SHIPPED_RECIPES)}).{hint}")
+
+def check_recipe_name(recipe: str) -> None:
+    """A recipe file that exists, or a shipped recipe's name (with a did-you-mean)."""
+    if Path(recipe).is_file() or recipe in SHIPPED_RECIPES:
+        return
+    if Path(recipe).suffix in (".yaml", ".yml") or "/" in recipe:
+        _fail(f"recipe file {recipe} does not exist")
+    import difflib
+
+    close = difflib.get_close_matches(recipe, SHIPPED_RECIPES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    _fail(f"recipe {recipe!r} is neither a file nor a shipped recipe ({', '.join(SHIPPED_RECIPES)}).{hint}")
 
 
 def main(argv: list[str] | None = None) -> int:

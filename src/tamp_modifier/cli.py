@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tamp_prune import DEMO_OUTPUT, check_arguments, parser
+from tamp_prune import DEMO_OUTPUT, check_recipe_name, parser
 
 _parser = parser  # the benchmarks build the demo's arguments with it
 
@@ -34,15 +34,10 @@ def _shipped_recipes() -> dict[str, Path]:
 
 def resolve_recipe(recipe: str) -> Path:
     """A recipe file path, or a shipped recipe's name; checked for a readable shape."""
+    check_recipe_name(recipe)
     path = Path(recipe)
     if not path.is_file():
-        shipped = _shipped_recipes()
-        if recipe not in shipped:
-            raise SystemExit(
-                f"tamp-prune: recipe {recipe!r} is neither a file nor a shipped recipe "
-                f"({', '.join(sorted(shipped))})"
-            )
-        path = shipped[recipe]
+        path = _shipped_recipes()[recipe]
     content = yaml.safe_load(path.read_text())
     # llm-compressor silently ignores any other shape and then does nothing.
     stages = {k: v for k, v in (content or {}).items() if k.endswith("_stage") and isinstance(v, dict)}
@@ -212,7 +207,6 @@ def run(args: argparse.Namespace) -> Path:
     """The whole command, on arguments ``tamp_prune.check_arguments`` accepted."""
     from tamp_modifier.console import library_logs
 
-    check_arguments(args)  # again, for callers that skip tamp_prune.main
     with library_logs(args.verbose) as renames:
         return _run(args, renames)
 

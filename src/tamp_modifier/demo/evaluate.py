@@ -11,7 +11,7 @@ from tamp_modifier.demo.model import prompt_batch
 from tamp_modifier.demo.tasks import FAMILIES, Question
 
 __all__ = [
-    "accuracy", "answer_log_probs", "answer_questions", "compare_with_dense", "evaluate",
+    "accuracy", "answer_log_probs", "answer_questions", "compare_with_dense", "evaluate", "greedy_answers",
     "format_accuracy_table", "format_fidelity_table", "relative_performance",
 ]
 
@@ -37,11 +37,15 @@ def answer_log_probs(model, tokenizer, questions: list[Question], batch_size: in
     return torch.cat(out)
 
 
+def greedy_answers(log_probs: torch.Tensor, tokenizer) -> list[str]:
+    """The most likely word of each row of ``[Q, V]`` answer log-probabilities."""
+    return tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
+
+
 def answer_questions(model, tokenizer, questions: list[Question], batch_size: int = 64,
                      progress: str | None = None) -> list[str]:
     """The model's greedy next word after each prompt (over the whole vocabulary)."""
-    log_probs = answer_log_probs(model, tokenizer, questions, batch_size, progress)
-    return tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
+    return greedy_answers(answer_log_probs(model, tokenizer, questions, batch_size, progress), tokenizer)
 
 
 def accuracy(answers: list[str], questions: list[Question]) -> dict[str, float]:
@@ -64,11 +68,9 @@ def compare_with_dense(dense_log_probs: torch.Tensor, pruned_log_probs: torch.Te
     """``(dense accuracy, pruned accuracy, fidelity)`` from both models' answer log-probabilities."""
     from tamp_modifier.demo.fidelity import fidelity
 
-    def answers(log_probs):
-        return tokenizer.convert_ids_to_tokens(log_probs.argmax(-1).tolist())
-
     answer_ids = tokenizer.convert_tokens_to_ids([q.answer for q in questions])
-    return (accuracy(answers(dense_log_probs), questions), accuracy(answers(pruned_log_probs), questions),
+    return (accuracy(greedy_answers(dense_log_probs, tokenizer), questions),
+            accuracy(greedy_answers(pruned_log_probs, tokenizer), questions),
             fidelity(dense_log_probs, pruned_log_probs, answer_ids, [q.family for q in questions]))
 
 
