@@ -27,6 +27,7 @@ SAMPLES = (16, 32, 64, 128)
 
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rank correlation (average ranks for ties)."""
+
     def ranks(x):
         x = np.asarray(x, dtype=np.float64)
         order = np.argsort(x, kind="stable")
@@ -57,16 +58,24 @@ def das_run(name: str, total: int, profile_samples: int | None) -> dict:
     model, tokenizer, data, _folder = inputs(name, total)
     start = time.perf_counter()
     oneshot(
-        model=model, processor=tokenizer, dataset=data,
+        model=model,
+        processor=tokenizer,
+        dataset=data,
         recipe=[DiversityAwareSparsity(sparsity=0.5, ignore=TOWER_IGNORE, profile_samples=profile_samples)],
-        num_calibration_samples=len(data), shuffle_calibration_samples=False, max_seq_length=4096,
-        data_collator=collate_rows, sequential_targets=[text_decoder_layer_class(model)],
+        num_calibration_samples=len(data),
+        shuffle_calibration_samples=False,
+        max_seq_length=4096,
+        data_collator=collate_rows,
+        sequential_targets=[text_decoder_layer_class(model)],
     )
     seconds = time.perf_counter() - start
     das = attached_report(model)["das"]
-    return {"seconds": seconds, "samples": das["samples"],
-            "scores": {n: v["score"] for n, v in das["layers"].items()},
-            "ratios": {n: v["assigned"] for n, v in das["layers"].items()}}
+    return {
+        "seconds": seconds,
+        "samples": das["samples"],
+        "scores": {n: v["score"] for n, v in das["layers"].items()},
+        "ratios": {n: v["assigned"] for n, v in das["layers"].items()},
+    }
 
 
 def main() -> int:
@@ -83,8 +92,10 @@ def main() -> int:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     total = max(args.samples)
     results = {}
-    print("| model | samples scored | DAS pass (s) | Spearman, scores | Spearman, ratios "
-          "| max abs ratio diff | mean abs ratio diff |")
+    print(
+        "| model | samples scored | DAS pass (s) | Spearman, scores | Spearman, ratios "
+        "| max abs ratio diff | mean abs ratio diff |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         runs = {P: das_run(name, total, None if P == total else P) for P in sorted(args.samples)}
@@ -93,15 +104,24 @@ def main() -> int:
         for P, run in runs.items():
             diffs = [abs(run["ratios"][n] - ref["ratios"][n]) for n in layers]
             row = {
-                "seconds": run["seconds"], "samples": run["samples"],
-                "spearman_scores": spearman([run["scores"][n] for n in layers], [ref["scores"][n] for n in layers]),
-                "spearman_ratios": spearman([run["ratios"][n] for n in layers], [ref["ratios"][n] for n in layers]),
-                "max_ratio_diff": max(diffs), "mean_ratio_diff": sum(diffs) / len(diffs),
+                "seconds": run["seconds"],
+                "samples": run["samples"],
+                "spearman_scores": spearman(
+                    [run["scores"][n] for n in layers], [ref["scores"][n] for n in layers]
+                ),
+                "spearman_ratios": spearman(
+                    [run["ratios"][n] for n in layers], [ref["ratios"][n] for n in layers]
+                ),
+                "max_ratio_diff": max(diffs),
+                "mean_ratio_diff": sum(diffs) / len(diffs),
             }
             results.setdefault(name, {})[P] = row
-            print(f"| {name} ({len(layers)} layers) | {P} | {row['seconds']:.1f} | {row['spearman_scores']:.4f} "
-                  f"| {row['spearman_ratios']:.4f} | {row['max_ratio_diff']:.4f} | {row['mean_ratio_diff']:.4f} |",
-                  flush=True)
+            print(
+                f"| {name} ({len(layers)} layers) | {P} | {row['seconds']:.1f} "
+                f"| {row['spearman_scores']:.4f} | {row['spearman_ratios']:.4f} "
+                f"| {row['max_ratio_diff']:.4f} | {row['mean_ratio_diff']:.4f} |",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine_cores": len(os.sched_getaffinity(0)), "results": results}, f, indent=2)

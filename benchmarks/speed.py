@@ -214,7 +214,8 @@ def main():
     for m, r in results.items():
         every = " / ".join(f"{x:.1f}" for x in r["all_seconds"])
         print(f"| {m} | {r['seconds']:.1f} | {every} | {ratio(r, 'time_ratio')} "
-              f"| {r['cpu_s']:.0f} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} | {ratio(r, 'peak_ratio')} |")
+              f"| {r['cpu_s']:.0f} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} "
+              f"| {ratio(r, 'peak_ratio')} |")
     for m, r in results.items():
         if r.get("selection_s") is not None:
             rest = r["seconds"] - r["selection_s"] - r["pruning_s"]

@@ -18,9 +18,11 @@ from tamp_prune import main as tamp_prune
 
 
 def test_help_imports_neither_torch_nor_llmcompressor():
-    code = ("import sys, tamp_prune; text = tamp_prune.parser().format_help(); "
-            "assert 'torch' not in sys.modules and 'llmcompressor' not in sys.modules, sorted(sys.modules); "
-            "print(text)")
+    code = (
+        "import sys, tamp_prune; text = tamp_prune.parser().format_help(); "
+        "assert 'torch' not in sys.modules and 'llmcompressor' not in sys.modules, sorted(sys.modules); "
+        "print(text)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
@@ -46,6 +48,7 @@ def llava_folder(tiny, tmp_path):
 @pytest.fixture
 def never_load(monkeypatch):
     """Fail the test if the model would be loaded: every check must come first."""
+
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
@@ -64,14 +67,22 @@ def one_line_failure(argv) -> str:
 def test_bad_paths_stop_with_one_line(tmp_path, llava_folder, never_load):
     model, calib = llava_folder
     out = str(tmp_path / "out")
-    assert "does not exist" in one_line_failure([str(tmp_path / "nope"), "--dataset", str(calib), "--output", out])
+    assert "does not exist" in one_line_failure(
+        [str(tmp_path / "nope"), "--dataset", str(calib), "--output", out]
+    )
     (tmp_path / "empty").mkdir()
-    assert "no config.json" in one_line_failure([str(tmp_path / "empty"), "--dataset", str(calib), "--output", out])
+    assert "no config.json" in one_line_failure(
+        [str(tmp_path / "empty"), "--dataset", str(calib), "--output", out]
+    )
     assert "give --dataset DIR and --output DIR" in one_line_failure([str(model), "--output", out])
-    assert "not a saved dataset" in one_line_failure([str(model), "--dataset", str(tmp_path), "--output", out])
+    assert "not a saved dataset" in one_line_failure(
+        [str(model), "--dataset", str(tmp_path), "--output", out]
+    )
     (tmp_path / "file").write_text("x")
     assert "is a file" in one_line_failure([str(model), "--dataset", str(tmp_path / "file"), "--output", out])
-    assert "--output" in one_line_failure([str(model), "--dataset", str(calib), "--output", str(tmp_path / "file")])
+    assert "--output" in one_line_failure(
+        [str(model), "--dataset", str(calib), "--output", str(tmp_path / "file")]
+    )
     assert "at least 1" in one_line_failure(["--num-samples", "0", "--output", out])
     assert "Did you mean 'tamp_fp8'" in one_line_failure(["--recipe", "tamp_fp9", "--output", out])
 
@@ -82,17 +93,21 @@ def write_recipe(tmp_path, text: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (("DiversityAwareSparsity:", "DiversityAwareSparsty:"), "did you mean 'DiversityAwareSparsity'"),
-    (("max_delta: 0.1", "max_delt: 0.1"), "has no field 'max_delt'; did you mean 'max_delta'"),
-    (("sparsity: 0.5", "sparsity: 1.5"), "sparsity must be in [0, 1), got 1.5"),
-    (("token_selection: amia", "token_selection: amai"), "token_selection"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("DiversityAwareSparsity:", "DiversityAwareSparsty:"), "did you mean 'DiversityAwareSparsity'"),
+        (("max_delta: 0.1", "max_delt: 0.1"), "has no field 'max_delt'; did you mean 'max_delta'"),
+        (("sparsity: 0.5", "sparsity: 1.5"), "sparsity must be in [0, 1), got 1.5"),
+        (("token_selection: amia", "token_selection: amai"), "token_selection"),
+    ],
+)
 def test_recipe_problems_stop_before_the_model_is_loaded(tmp_path, llava_folder, never_load, edit, expected):
     model, calib = llava_folder
     recipe = write_recipe(tmp_path, (RECIPES / "tamp.yaml").read_text().replace(*edit))
-    message = one_line_failure([str(model), "--dataset", str(calib), "--output", str(tmp_path / "o"),
-                                "--recipe", recipe])
+    message = one_line_failure(
+        [str(model), "--dataset", str(calib), "--output", str(tmp_path / "o"), "--recipe", recipe]
+    )
     assert expected in message
 
 
@@ -120,17 +135,37 @@ def test_report_tables_fit_100_columns():
     from tamp_modifier.report import format_table
 
     # A 32-layer image-text model's names: the common prefix is printed once, above.
-    layers = {f"model.language_model.layers.{i}.{m}": {
-        "score": 0.5, "terms": {"text": 0.1, "image": 0.2, "text|image": 0.3}, "assigned": 0.5, "realized": 0.5}
-        for i in range(32) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    layers = {
+        f"model.language_model.layers.{i}.{m}": {
+            "score": 0.5,
+            "terms": {"text": 0.1, "image": 0.2, "text|image": 0.3},
+            "assigned": 0.5,
+            "realized": 0.5,
+        }
+        for i in range(32)
+        for m in ("self_attn.q_proj", "mlp.down_proj")
+    }
     table = format_table({"method": "DiversityAwareSparsity", "layers": layers, "global": {"assigned": 0.5}})
     assert max(len(line) for line in table.splitlines()) <= 100
     assert table.startswith("layers under model.language_model.layers.\n")
     assert "\n31.mlp.down_proj " in table
-    selection = {n: {"selected": {"text": 3, "image": 40}, "sparsity": 0.5, "mask_structure": "0:0",
-                     "share": 0.1, "realized": 0.5} for n in layers}
-    table = format_table({"method": "AdaptiveInputActivation", "layers": selection,
-                          "selected_share": {"text": 0.2, "image": 0.1}})
+    selection = {
+        n: {
+            "selected": {"text": 3, "image": 40},
+            "sparsity": 0.5,
+            "mask_structure": "0:0",
+            "share": 0.1,
+            "realized": 0.5,
+        }
+        for n in layers
+    }
+    table = format_table(
+        {
+            "method": "AdaptiveInputActivation",
+            "layers": selection,
+            "selected_share": {"text": 0.2, "image": 0.1},
+        }
+    )
     assert max(len(line) for line in table.splitlines()) <= 100
 
 
@@ -145,13 +180,21 @@ def test_readme_own_model_commands_run_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     for command in commands:
         command = command.replace("examples/", f"{root}/examples/")
-        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = subprocess.run(
+            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     out = tmp_path / "my-model-tamp"
     files = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "recipe.yaml", "tamp_report.json", "chat_template.jinja",
-            "processor_config.json", "tokenizer.json"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "recipe.yaml",
+        "tamp_report.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "tokenizer.json",
+    } <= files
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tamp_modifier.models import language_linears
@@ -169,7 +212,9 @@ def test_a_processor_that_cannot_load_is_said_and_its_files_kept(tmp_path, llava
     (model / "preprocessor_config.json").write_text(__import__("json").dumps(broken))
     (model / "chat_template.jinja").write_text("{{ messages }}")
     out = tmp_path / "out"
-    assert tamp_prune([str(model), "--dataset", str(calib), "--output", str(out), "--recipe", "das_wanda"]) == 0
+    assert (
+        tamp_prune([str(model), "--dataset", str(calib), "--output", str(out), "--recipe", "das_wanda"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "AutoProcessor cannot load" in printed and "copied to the output unchanged" in printed
     for name in ("preprocessor_config.json", "chat_template.jinja"):

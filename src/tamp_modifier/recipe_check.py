@@ -29,8 +29,11 @@ def _registered_modifiers() -> dict:
 
     if not ModifierFactory._main_registry:
         ModifierFactory.refresh()
-    return {**ModifierFactory._main_registry, **ModifierFactory._experimental_registry,
-            **ModifierFactory._registered_registry}
+    return {
+        **ModifierFactory._main_registry,
+        **ModifierFactory._experimental_registry,
+        **ModifierFactory._registered_registry,
+    }
 
 
 def _pydantic_message(error, recipe: Path) -> str:
@@ -43,10 +46,16 @@ def _pydantic_message(error, recipe: Path) -> str:
         cls = _registered_modifiers().get(modifier)
         # Its own settings, not the lifecycle bookkeeping every Modifier has.
         fields = sorted(set(cls.model_fields) - set(Modifier.model_fields)) if cls else []
-        return (f"{recipe}: {modifier} has no field {field!r}{_closest(field, fields)} "
-                f"(its fields: {', '.join(fields)})")
+        return (
+            f"{recipe}: {modifier} has no field {field!r}{_closest(field, fields)} "
+            f"(its fields: {', '.join(fields)})"
+        )
     message = first["msg"].removeprefix("Value error, ")
-    return f"{recipe}: {modifier}.{field}: {message}" if field != "(modifier)" else f"{recipe}: {modifier}: {message}"
+    return (
+        f"{recipe}: {modifier}.{field}: {message}"
+        if field != "(modifier)"
+        else f"{recipe}: {modifier}: {message}"
+    )
 
 
 def recipe_problem(recipe: str | Path):
@@ -65,8 +74,10 @@ def recipe_problem(recipe: str | Path):
         missing = re.search(r"No modifier of type '([^']+)' found", str(error))
         if missing:
             name = missing.group(1)
-            return (f"{recipe}: no modifier named {name!r}{_closest(name, _registered_modifiers())} "
-                    "(TAMP's are DiversityAwareSparsity and AdaptiveInputActivation)"), None
+            return (
+                f"{recipe}: no modifier named {name!r}{_closest(name, _registered_modifiers())} "
+                "(TAMP's are DiversityAwareSparsity and AdaptiveInputActivation)"
+            ), None
         return f"{recipe}: {error}", None
     return None, parsed
 
@@ -77,8 +88,11 @@ def _widths(config: dict) -> dict[str, int]:
     hidden = text.get("hidden_size")
     heads = text.get("num_attention_heads")
     head_dim = text.get("head_dim") or (hidden // heads if hidden and heads else None)
-    widths = {"hidden_size": hidden, "intermediate_size": text.get("intermediate_size"),
-              "num_attention_heads x head_dim": heads * head_dim if heads and head_dim else None}
+    widths = {
+        "hidden_size": hidden,
+        "intermediate_size": text.get("intermediate_size"),
+        "num_attention_heads x head_dim": heads * head_dim if heads and head_dim else None,
+    }
     return {k: v for k, v in widths.items() if isinstance(v, int)}
 
 
@@ -94,7 +108,9 @@ def _weight_schemes(modifier) -> list:
     elif isinstance(scheme, dict):
         schemes += [preset_name_to_scheme(name, t) for name, t in scheme.items()]
     for group in (getattr(modifier, "config_groups", None) or {}).values():
-        schemes.append(group if isinstance(group, QuantizationScheme) else QuantizationScheme.model_validate(group))
+        schemes.append(
+            group if isinstance(group, QuantizationScheme) else QuantizationScheme.model_validate(group)
+        )
     return [s.weights for s in schemes if s.weights is not None]
 
 
@@ -108,10 +124,12 @@ def group_size_problem(parsed_recipe, config: dict, recipe_name: str) -> str | N
                 bad = {k: v for k, v in widths.items() if v % size}
                 if bad:
                     listed = ", ".join(f"{k} = {v}" for k, v in bad.items())
-                    return (f"{recipe_name} quantizes weights in groups of {size} input columns, but "
-                            f"this model's widths ({listed}) are not all multiples of {size}: use a recipe whose "
-                            f"group_size divides it (config_groups with group_size "
-                            f"{_largest_divisor(list(widths.values()), size)}) or strategy: channel")
+                    return (
+                        f"{recipe_name} quantizes weights in groups of {size} input columns, but "
+                        f"this model's widths ({listed}) are not all multiples of {size}: use a recipe whose "
+                        f"group_size divides it (config_groups with group_size "
+                        f"{_largest_divisor(list(widths.values()), size)}) or strategy: channel"
+                    )
     return None
 
 

@@ -436,7 +436,9 @@ def build_tiny_processor(model: PreTrainedModel):
     if family_of(model) != "llava":
         raise ValueError(f"build_tiny_processor builds LLaVA processors; got {family_of(model)}")
     size = model.config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=build_tiny_tokenizer(model),
         patch_size=model.config.vision_config.patch_size,

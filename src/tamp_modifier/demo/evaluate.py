@@ -106,9 +106,11 @@ def format_accuracy_table(dense: dict[str, float], pruned: dict[str, float], lab
 
 def format_fidelity_table(fidelity: dict[str, dict[str, float]]) -> str:
     """Markdown table: KL(dense || pruned), answer NLL (pruned, dense), agreement, per family."""
-    lines = ["| task | KL(dense‖pruned) (nats) | answer NLL, pruned | answer NLL, dense | same answer as dense |",
+    lines = ["| task | KL(dense‖pruned) (nats) | answer NLL, pruned | answer NLL, dense "
+             "| same answer as dense |",
              "|---|---:|---:|---:|---:|"]
     for name, f in fidelity.items():
         label = "**overall**" if name == "overall" else name
-        lines.append(f"| {label} | {f['kl']:.4f} | {f['nll']:.4f} | {f['nll_dense']:.4f} | {f['agreement']:.1%} |")
+        lines.append(f"| {label} | {f['kl']:.4f} | {f['nll']:.4f} | {f['nll_dense']:.4f} "
+                     f"| {f['agreement']:.1%} |")
     return "\n".join(lines)

@@ -131,7 +131,9 @@ class DiversityAwareSparsity(Modifier):
         if self.sparsity is not None:
             check_sparsity_bounds(self.sparsity, self.max_delta)
         if self.profile_samples is not None and self.profile_samples < 1:
-            raise ValueError(f"profile_samples must be a positive integer or null, got {self.profile_samples}")
+            raise ValueError(
+                f"profile_samples must be a positive integer or null, got {self.profile_samples}"
+            )
         if self.profile is not None:
             self.requires_calibration_data = False
         return self
