@@ -35,11 +35,11 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("max_shard_size", [None, "40KB"])
-def test_clip_tower_is_saved_under_the_hub_names_and_reloads_equal(tmp_path, max_shard_size):
+@pytest.mark.parametrize(("family", "max_shard_size"), [("llava", None), ("llava", "40KB"), ("llava_next", None)])
+def test_clip_tower_is_saved_under_the_hub_names_and_reloads_equal(tmp_path, family, max_shard_size):
     # Built from a config, as the demo was: transformers 5.17 saves the CLIP tower without the
     # `vision_model` prefix, a name vLLM cannot load.
-    model = build_tiny_model("llava").eval()
+    model = build_tiny_model(family).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(tmp_path / "a", **kwargs)
     before = saved_keys(tmp_path / "a")
@@ -66,6 +66,17 @@ def test_clip_tower_is_saved_under_the_hub_names_and_reloads_equal(tmp_path, max
     assert saved_keys(tmp_path / "b") == after
     assert finalize_checkpoint(reloaded, tmp_path / "b")["weights_renamed"] == 0
     assert saved_keys(tmp_path / "b") == after
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_towers_are_saved_under_the_hub_names_already(tmp_path, family):
+    # Qwen2-VL's tower is no CLIP: transformers saves the hub's `visual.*`, `model.layers.*`,
+    # `lm_head.*`, which vLLM's Qwen2-VL weight mapper reads; nothing to rename.
+    model = build_tiny_model(family).eval()
+    model.save_pretrained(tmp_path)
+    before = saved_keys(tmp_path)
+    assert finalize_checkpoint(model, tmp_path)["weights_renamed"] == 0 and saved_keys(tmp_path) == before
+    assert {k.split(".")[0] for k in before} == {"visual", "model", "lm_head"}
 
 
 def test_ignore_entries_in_the_dropped_naming_become_the_files_names():
