@@ -12,6 +12,7 @@ import pytest
 from conftest import RECIPES, run_oneshot
 
 import tamp_modifier.cli as cli
+from tamp_modifier.report import load_report
 from tamp_modifier.synthetic import make_calibration_dataset
 from tamp_prune import SHIPPED_RECIPES
 from tamp_prune import main as tamp_prune
@@ -219,3 +220,16 @@ def test_a_processor_that_cannot_load_is_said_and_its_files_kept(tmp_path, llava
     assert "AutoProcessor cannot load" in printed and "copied to the output unchanged" in printed
     for name in ("preprocessor_config.json", "chat_template.jinja"):
         assert (out / name).read_text() == (model / name).read_text(), name
+
+
+def test_own_model_with_w4a16_is_written_and_its_sparsity_counted_in_the_files(tiny, tmp_path, capsys):
+    # After a packed 4-bit save llm-compressor leaves the in-memory Linears without `weight`;
+    # the summary's sparsity comes from the saved files, and the run completes.
+    model, _, folder = tiny("llava", weights=True, hidden_size=128, intermediate_size=256)
+    make_calibration_dataset(model, 3, seed=1).save_to_disk(tmp_path / "calib")
+    out = tmp_path / "w4a16"
+    assert tamp_prune([str(folder), "--dataset", str(tmp_path / "calib"), "--recipe", "tamp_w4a16",
+                       "--output", str(out), "--num-samples", "3"]) == 0
+    pattern = load_report(out)["checkpoint"]["pattern"]
+    assert pattern["sparsity"]["measured"] == pytest.approx(0.5, abs=0.01)
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("tamp-prune: pruned in")

@@ -180,6 +180,20 @@ def _evaluate_demo(model, processor, questions) -> tuple[dict, dict, dict]:
     return compare_with_dense(dense, pruned, processor, questions)
 
 
+def _language_model_sparsity(model, staging: Path) -> float:
+    """Share of zeros in the language model's Linears, as counted in the saved files when
+    ``tamp_report.json`` has that count: after a quantized save the in-memory Linears of a model
+    that llm-compressor offloaded have no ``weight`` left to count."""
+    from tamp_modifier.models import language_linears
+    from tamp_modifier.report import REPORT_FILE_NAME, load_report, pruned_share
+
+    if (staging / REPORT_FILE_NAME).is_file():
+        pattern = load_report(staging / REPORT_FILE_NAME).get("checkpoint", {}).get("pattern")
+        if pattern:
+            return pattern["sparsity"]["measured"]
+    return pruned_share(language_linears(model).values())
+
+
 def _print_summary(output: Path, seconds: float, sparsity: float, table: str | None) -> None:
     from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report
     from tamp_modifier.sparsity_pattern import describe_pattern
@@ -213,8 +227,6 @@ def run(args: argparse.Namespace) -> Path:
 
 def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
     from tamp_modifier.data import load_calibration_dataset
-    from tamp_modifier.models import language_linears
-    from tamp_modifier.report import pruned_share
 
     demo = args.model is None
     output = Path(args.output or DEMO_OUTPUT).resolve()
@@ -240,7 +252,7 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
             model, processor = _load_model(args.model), _load_processor(args.model)
             seconds = _prune(model, processor, dataset, recipe, args, staging)
             _copy_missing_processor_files(Path(args.model), staging)
-        sparsity = pruned_share(language_linears(model).values())
+        sparsity = _language_model_sparsity(model, staging)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
