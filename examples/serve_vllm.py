@@ -98,7 +98,9 @@ def measure(checkpoint: str, args: argparse.Namespace) -> dict:
     llm = LLM(model=checkpoint, limit_mm_per_prompt={"image": 1}, seed=0, **options)
     batch = requests(checkpoint, args.prompts, args.question)
     max_tokens = args.max_tokens
-    llm.generate(batch[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up (CUDA graphs, caches)
+    # Warm-up on the very batch timed below: compilation (torch.compile, CUDA graphs) happens per
+    # batch shape on first use, and would otherwise be timed for whichever model runs first.
+    llm.generate(batch, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     start = time.perf_counter()
     prefill = llm.generate(batch, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
     prefill_s = time.perf_counter() - start

