@@ -103,9 +103,11 @@ class Server:
                 self.process.wait()
         self._log_file.close()
 
-    def tail(self, lines: int = 25) -> str:
-        text = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(line for line in text if not line.startswith("WARNING: Location"))[-4000:] if text else ""
+    def tail(self, lines: int = 40) -> str:
+        """The log's last ``lines`` lines, without pip's index warnings."""
+        text = [line for line in self.log.read_text(errors="replace").splitlines()
+                if not line.startswith("WARNING: Location")]
+        return "\n".join(text[-lines:])
 
 
 def cpu_without_4bit_kernel() -> bool:

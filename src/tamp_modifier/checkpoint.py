@@ -138,7 +138,7 @@ def weight_renames(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
     ``....weight_scale``); only those that change are returned.
     """
     renames = _prefix_renames(model)
-    return {key: _put_back(key, renames) for key in keys if _put_back(key, renames) != key}
+    return {key: new for key in keys if (new := _put_back(key, renames)) != key}
 
 
 def _weighted_modules(model: torch.nn.Module) -> list[str]:
