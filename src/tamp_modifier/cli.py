@@ -182,8 +182,9 @@ def _evaluate_demo(model, processor, questions) -> tuple[dict, dict, dict]:
 
 def _language_model_sparsity(model, staging: Path) -> float:
     """Share of zeros in the language model's Linears, as counted in the saved files when
-    ``tamp_report.json`` has that count: after a quantized save the in-memory Linears of a model
-    that llm-compressor offloaded have no ``weight`` left to count."""
+    ``tamp_report.json`` has that count: after a packed 4-bit (W4A16) save, the in-memory Linears
+    of a model loaded from a folder have no ``weight`` left to count (seen with llm-compressor
+    0.14; the run then failed after writing, and the output was discarded)."""
     from tamp_modifier.models import language_linears
     from tamp_modifier.report import REPORT_FILE_NAME, load_report, pruned_share
 
