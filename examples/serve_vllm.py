@@ -97,7 +97,6 @@ def measure(checkpoint: str, args: argparse.Namespace) -> dict:
     options = {k: v for k, v in options.items() if v is not None}
     llm = LLM(model=checkpoint, limit_mm_per_prompt={"image": 1}, seed=0, **options)
     batch = requests(checkpoint, args.prompts, args.question)
-    max_tokens = args.max_tokens
     # Warm-up on the very batch timed below: compilation (torch.compile, CUDA graphs) happens per
     # batch shape on first use, and would otherwise be timed for whichever model runs first.
     llm.generate(batch, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
@@ -105,7 +104,7 @@ def measure(checkpoint: str, args: argparse.Namespace) -> dict:
     prefill = llm.generate(batch, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    full = llm.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+    full = llm.generate(batch, SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True),
                         use_tqdm=False)
     full_s = time.perf_counter() - start
     prompt_tokens = sum(len(o.prompt_token_ids) for o in prefill)

@@ -132,27 +132,27 @@ def _is_4bit_weight_only(checkpoint: str) -> bool:
     return any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups)
 
 
-def check_checkpoint(checkpoint: str, questions: list[dict], folder: Path, args) -> dict:
-    """Serve ``checkpoint``, ask ``questions``; returns vLLM's answers and timings."""
+def check_checkpoint(checkpoint: str, chats: list[list[dict]], folder: Path, args) -> dict:
+    """Serve ``checkpoint``, send each of ``chats`` (message lists); returns vLLM's answers and timings."""
     started = time.perf_counter()
     server = None
     try:
         log = folder / f"vllm_{Path(checkpoint).name}.log"
         server = Server(checkpoint, log, args.server_arg, args.startup_timeout)
         startup = time.perf_counter() - started
-        if not questions:  # loading was the check
+        if not chats:  # loading was the check
             return {"answers": [], "startup_s": startup, "answer_s": 0.0}
 
-        def ask(question: dict) -> str:
+        def ask(messages: list[dict]) -> str:
             reply = _post(f"{server.url}/v1/chat/completions", {
-                "model": checkpoint, "messages": _messages(question, folder),
+                "model": checkpoint, "messages": messages,
                 "max_tokens": 1, "temperature": 0.0,
             }, timeout=args.request_timeout)
             return reply["choices"][0]["message"]["content"].strip()
 
         asked = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
-            answers = list(pool.map(ask, questions))
+            answers = list(pool.map(ask, chats))
         return {"answers": answers, "startup_s": startup, "answer_s": time.perf_counter() - asked}
     except Exception as error:  # reported per checkpoint; the others are still checked
         log = server.tail() if server else ""
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         parser.error(f"no {path}: run scripts/vllm_reference.py --output {args.reference} first")
     reference = json.loads(path.read_text())
+    chats = [_messages(q, args.reference) for q in reference["questions"]]  # images read once
     fewer = {}
     for item in args.fewer:
         name, _, count = item.partition("=")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if load_only:
             count = 0
         questions, expected = reference["questions"][:count], expected[:count]
-        result = check_checkpoint(checkpoint, questions, args.reference, args)
+        result = check_checkpoint(checkpoint, chats[:count], args.reference, args)
         if "error" in result:
             failed.append(name)
             print(f"{name:<24} FAILED to serve: {result['error']}\n{result['log']}", flush=True)

@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, metavar="DIR")
     parser.add_argument("--per-family", type=int, default=30, metavar="N")
     args = parser.parse_args(argv)
+    from tamp_modifier.demo.model import demo_model_path
+
     folders = {}
     for given in args.checkpoints:
-        from tamp_modifier.demo.model import demo_model_path
-
         folder = demo_model_path() if given == "demo" else Path(given).resolve()
         if not (folder / "config.json").is_file():
             parser.error(f"{given} is not a checkpoint folder (no config.json)")

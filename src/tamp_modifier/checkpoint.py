@@ -50,7 +50,6 @@ __all__ = [
     "rename_saved_weights",
     "saved_weights",
     "strip_sparsity_config",
-    "weight_renames",
     "write_text_atomically",
 ]
 
@@ -129,16 +128,6 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
     """
     renames = _prefix_renames(model)
     return {name: _put_back(saved, renames) for name, saved in _reverted_names(model, names).items()}
-
-
-def weight_renames(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
-    """Saved tensor names that lack a dropped prefix -> the names with it put back.
-
-    ``keys`` are the tensor names in the saved files (``....weight``,
-    ``....weight_scale``); only those that change are returned.
-    """
-    renames = _prefix_renames(model)
-    return {key: new for key in keys if (new := _put_back(key, renames)) != key}
 
 
 def _weighted_modules(model: torch.nn.Module) -> list[str]:
@@ -266,20 +255,23 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 
 
 def rename_saved_weights(model: torch.nn.Module, directory: str | os.PathLike) -> dict[str, str]:
-    """Put back in the saved files the prefixes transformers dropped (``weight_renames``).
+    """Put back in the saved files the prefixes transformers dropped (see the module docstring).
 
     One shard at a time (each replaced in one step), then the shard index.
-    Returns the renames made; an empty dict when every name was right.
+    Returns the tensor renames made; an empty dict when every name was right.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    prefixes = _prefix_renames(model)
+    if not prefixes:  # nothing dropped: no file is opened
+        return {}
     directory = Path(directory)
     renames: dict[str, str] = {}
     for path in sorted(directory.glob("*.safetensors")):  # none: a config-only folder, nothing to rename
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-            here = weight_renames(model, keys)
+            here = {key: new for key in keys if (new := _put_back(key, prefixes)) != key}
             if not here:
                 continue
             metadata = f.metadata()
