@@ -114,7 +114,7 @@ def run_one(job: dict) -> dict:
     from tamp_modifier.report import attached_report, pruned_share
 
     method, setting, seed = job["method"], job["setting"], job["seed"]
-    model, tokenizer = load_demo_model()
+    model, tokenizer = load_demo_model(job["model"])
     dataset = demo_calibration_set(tokenizer, job["samples"], seed)
     reset_peak_rss()
     start = time.perf_counter()
@@ -144,7 +144,7 @@ def run_one(job: dict) -> dict:
             "peak_rss_mib": round(peak), "sparsity": pruned_share(language_linears(model).values()), **extra}
 
 
-def dense_log_probs(eval_per_family: int, path: Path) -> dict:
+def dense_log_probs(eval_per_family: int, path: Path, model_path: str | None = None) -> dict:
     """The dense model's answer log-probabilities, saved for the workers; returns its accuracy."""
     import torch
 
@@ -153,7 +153,7 @@ def dense_log_probs(eval_per_family: int, path: Path) -> dict:
     from tamp_modifier.demo.model import load_demo_model
     from tamp_modifier.demo.tasks import make_split
 
-    model, tokenizer = load_demo_model()
+    model, tokenizer = load_demo_model(model_path)
     questions = make_split("eval", eval_per_family)
     log_probs = answer_log_probs(model, tokenizer, questions)
     torch.save(log_probs, path)
@@ -261,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-per-family", type=int, default=500)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--model", default=None,
+                   help="a demo model folder (python -m tamp_modifier.demo.train); default: the shipped one")
     args = p.parse_args(argv)
 
     jobs = []
@@ -270,13 +272,14 @@ def main(argv=None) -> int:
                 continue
             for seed in (args.seeds[:1] if method == "magnitude" else args.seeds):
                 jobs.append({"method": method, "setting": setting, "seed": seed, "samples": args.samples,
-                             "eval_per_family": args.eval_per_family})
+                             "eval_per_family": args.eval_per_family, "model": args.model})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # Every finished run is appended to runs.jsonl at once, and a rerun skips the
     # runs already there: a crash or an interrupt loses no finished run.
     log = out / "runs.jsonl"
-    key = lambda r: (r["method"], r["setting"], r["seed"], r["samples"], r["eval_per_family"])  # noqa: E731
+    key = lambda r: (r["method"], r["setting"], r["seed"], r["samples"], r["eval_per_family"],  # noqa: E731
+                     r.get("model"))
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {key(r) for r in runs}
     todo = [j for j in jobs if key(j) not in done]
@@ -284,7 +287,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     # The dense model's answer distributions, once, for every run's fidelity figures.
     dense_path = out / f"dense_log_probs_{args.eval_per_family}.pt"
-    dense = dense_log_probs(args.eval_per_family, dense_path)
+    dense = dense_log_probs(args.eval_per_family, dense_path, args.model)
     todo = [{**j, "dense_log_probs": str(dense_path)} for j in todo]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.workers) as pool:
