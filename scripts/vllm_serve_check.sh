@@ -7,7 +7,7 @@
 # Needs the project's environment in .venv (README set-up) and vLLM's in .venv-vllm
 # (bash scripts/vllm_env.sh); PROJECT_PYTHON and VLLM_PYTHON point elsewhere. Checks the shipped
 # dense demo and the demo pruned with tamp (50% unstructured), tamp_2of4, tamp_fp8, tamp_w8a8 and
-# W4A16 (groups of 64: scripts/recipes/tamp_w4a16_g64.yaml, as the demo's widths are 192).
+# tamp_w4a16.
 # The servers run with --enforce-eager, which saves about a minute of torch.compile per checkpoint
 # on 2 cores; the compiled path answers the same (see the README's serving section).
 set -euo pipefail
@@ -25,7 +25,7 @@ done
 mkdir -p "$WORK"
 
 checkpoints=(demo)
-for recipe in tamp tamp_2of4 tamp_fp8 tamp_w8a8 scripts/recipes/tamp_w4a16_g64.yaml; do
+for recipe in tamp tamp_2of4 tamp_fp8 tamp_w8a8 tamp_w4a16; do
     name="$(basename "$recipe" .yaml)"
     # A small calibration set and few evaluation questions: this checks serving, not quality.
     "$PROJECT_PYTHON" -m tamp_modifier.cli --recipe "$recipe" --output "$WORK/$name" --overwrite \

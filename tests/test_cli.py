@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 from conftest import RECIPES, run_oneshot
 
 import tamp_modifier.cli as cli
+from tamp_modifier.demo.model import demo_model_path
 from tamp_modifier.report import load_report
 from tamp_modifier.synthetic import make_calibration_dataset
 from tamp_prune import SHIPPED_RECIPES
@@ -113,9 +116,19 @@ def test_recipe_problems_stop_before_the_model_is_loaded(tmp_path, llava_folder,
 
 
 def test_w4a16_group_size_is_checked_against_the_model_widths(tmp_path, never_load):
-    # The demo's widths are 192: W4A16's groups of 128 cannot divide them.
-    message = one_line_failure(["--recipe", "tamp_w4a16", "--output", str(tmp_path / "o")])
+    # A demo-shaped model of width 192 (the first demo's): W4A16's groups of 128 cannot divide it.
+    folder = tmp_path / "wide"
+    shutil.copytree(demo_model_path(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 192
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as stop:
+        cli.check_recipe(RECIPES / "tamp_w4a16.yaml", str(folder))
+    message = str(stop.value.code)
+    assert message.startswith("tamp-prune: ") and "\n" not in message
     assert "groups of 128" in message and "hidden_size = 192" in message and "group_size 64" in message
+    # The shipped demo's widths (128, 384) take groups of 128.
+    assert cli.check_recipe(RECIPES / "tamp_w4a16.yaml", None) is None
 
 
 def test_checkpoint_files_are_readable_by_others(tiny, tmp_path):

@@ -34,7 +34,7 @@ def demo():
 def test_splits_are_seeded_and_distinct():
     a, b = make_split("eval", 20, seed=3), make_split("eval", 20, seed=3)
     assert a == b
-    assert [q.family for q in a[:6]] == list(FAMILIES)
+    assert [q.family for q in a[: len(FAMILIES)]] == list(FAMILIES)
     # Count and digit images are many; each split draws its own (single-object
     # images come from only 1,024, so those may coincide across splits).
     other = make_split("calibration", 20, seed=3)
@@ -66,7 +66,7 @@ def _objects_from_pixels(image):
 def test_answers_agree_with_the_pixels():
     for q in make_split("eval", 60, seed=1):
         words = q.prompt.split()
-        if q.family in ("colour", "shape", "count", "position"):
+        if q.family in ("colour", "shape", "count", "position", "binding"):
             objects = _objects_from_pixels(q.image)
         if q.family == "count":
             assert NUMBERS[len(objects)] == q.answer
@@ -80,6 +80,16 @@ def test_answers_agree_with_the_pixels():
             ((row, col, _, _),) = objects
             side, height = ("left" if col < 4 else "right"), ("top" if row < 4 else "bottom")
             assert q.answer == (side if "left" in words else height)
+        elif q.family == "binding":
+            assert 2 <= len(objects) <= 3
+            if words[1] == "colour":  # "what colour is the circle": shapes distinct
+                asked = words[-1]
+                assert len({o[3] for o in objects}) == len(objects)
+                assert [o[2] for o in objects if o[3] == asked] == [q.answer]
+            else:  # "what shape is the red object": colours distinct
+                asked = words[-2]
+                assert len({o[2] for o in objects}) == len(objects)
+                assert [o[3] for o in objects if o[2] == asked] == [q.answer]
         elif q.family == "text":
             numbers = [NUMBERS.index(w) for w in words if w in NUMBERS]
             if "plus" in words:
@@ -109,8 +119,9 @@ def test_prompts_put_image_tokens_first_and_pad_left(demo):
     _, tokenizer = demo
     questions = make_split("eval", 1)
     batch = prompt_batch(questions, tokenizer)
-    assert batch["pixel_values"].shape == (5, 3, 64, 64)
-    assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == [64] * 5 + [0]
+    images = len(FAMILIES) - 1  # every family but text shows an image
+    assert batch["pixel_values"].shape == (images, 3, 64, 64)
+    assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == [64] * images + [0]
     text_row = batch["input_ids"][-1]
     assert (batch["attention_mask"][-1] == 0).sum() > 0 and batch["attention_mask"][-1, -1] == 1
     assert text_row[batch["attention_mask"][-1] == 0].eq(tokenizer.pad_token_id).all()
@@ -205,8 +216,10 @@ def test_image_labels_read_the_drawing():
     colour, shape = labels["colour"].reshape(8, 8), labels["shape"].reshape(8, 8)
     assert colour[2, 5] == 2 and shape[2, 5] == 3 and colour[6, 1] == 4 and shape[6, 1] == 2
     assert colour.sum() == 6 and labels["count"] == 2 and labels["digit"] == -100
+    # present: colours red green blue yellow, then shapes square circle triangle cross
+    assert labels["present"].tolist() == [0, 1, 0, 1, 0, 1, 1, 0]
     digit = image_labels(draw_digit("4", 1, 1), "4")
-    assert digit["digit"] == 4 and digit["count"] == -100
+    assert digit["digit"] == 4 and digit["count"] == -100 and not digit["present"].any()
     assert set(digit["shape"][digit["colour"] > 0].tolist()) == {5}  # strokes are no shape
 
 
@@ -214,10 +227,43 @@ def test_training_is_deterministic():
     from tamp_modifier.demo.model import build_demo_model
     from tamp_modifier.demo.train import train_demo_model
 
-    first, _ = train_demo_model(vision_steps=2, steps=2, batch_size=6, progress=False)
-    second, _ = train_demo_model(vision_steps=2, steps=2, batch_size=6, progress=False)
+    small = dict(text_steps=2, vision_steps=2, steps=2, batch_size=6, text_batch=2, text_length=16, progress=False)
+    first, _ = train_demo_model(**small)
+    second, _ = train_demo_model(**small)
     untrained = build_demo_model(seed=0)  # the same initial weights training starts from
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(),
                                                       untrained.state_dict().values()))
+
+
+# ---------------------------------------------------------------- English corpus and tokenizer
+
+
+def test_tokenizer_keeps_the_task_words_and_the_commonest_corpus_words():
+    from collections import Counter
+
+    from tamp_modifier.demo.corpus import corpus_words, text_windows
+    from tamp_modifier.demo.model import SPECIAL_TOKENS, UNK_ID, VOCAB_SIZE, build_demo_tokenizer
+    from tamp_modifier.demo.tasks import vocabulary
+
+    words = corpus_words()
+    assert len(words) > 100_000 and "the" in words and "(" in words
+    tokenizer = build_demo_tokenizer()
+    vocab = tokenizer.get_vocab()
+    assert len(vocab) == VOCAB_SIZE and tokenizer.unk_token_id == UNK_ID
+    fixed = [*SPECIAL_TOKENS, *vocabulary()]
+    assert [vocab[w] for w in fixed] == list(range(len(fixed)))  # task ids never move
+    # The corpus words kept are the commonest: none left out is more frequent than one kept.
+    counts = Counter(words)
+    kept = [w for w in vocab if w not in fixed]
+    left_out = [c for w, c in counts.items() if w not in vocab]
+    assert min(counts[w] for w in kept) >= max(left_out)
+    ids = tokenizer.convert_tokens_to_ids(words)
+    assert 0.85 < sum(i != UNK_ID for i in ids) / len(ids) < 1  # most running text is covered
+    # Every prompt and answer of every family is in the vocabulary (no <unk>).
+    for q in make_split("eval", 30, seed=5):
+        assert UNK_ID not in tokenizer(f"{q.prompt} {q.answer}", add_special_tokens=False)["input_ids"]
+    windows = text_windows(torch.arange(1000), 16, 3, np.random.default_rng(0), bos_id=1)
+    assert windows.shape == (3, 16) and windows[:, 0].eq(1).all()
+    assert (windows[:, 2:] - windows[:, 1:-1]).eq(1).all()  # consecutive text after <s>

@@ -448,17 +448,18 @@ def build_tiny_processor(model: PreTrainedModel):
     )
 
 
-def word_level_tokenizer(vocab: dict[str, int], **kwargs) -> PreTrainedTokenizerFast:
+def word_level_tokenizer(vocab: dict[str, int], unk_token: str = "<pad>", **kwargs) -> PreTrainedTokenizerFast:
     """A whitespace-split, word-level fast tokenizer over ``vocab`` with the
-    ``<pad> <s> </s> <image>`` specials (``<pad>`` doubles as unknown)."""
+    ``<pad> <s> </s> <image>`` specials; ``unk_token`` (``<pad>`` unless given)
+    stands for words outside ``vocab``."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token=unk_token))
     backend.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>",
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token=unk_token,
         extra_special_tokens={"image_token": "<image>"}, **kwargs,
     )
 

@@ -2,10 +2,12 @@
 its word-level tokenizer, and how questions become model inputs.
 
 Sizes: vision 64 x 64 images in 8-pixel patches (64 image tokens, CLS dropped
-as in LLaVA), width 128, 3 layers; language model width 192, 6 layers, 6 query
-/ 2 key-value heads, MLP 512. About 3.1M parameters, 12 MB in float32. A prompt
-is ``<s> <image> x 64 question-words`` (text-only: no image tokens), so image
-tokens outnumber text tokens about 8 to 1, as in real LLaVA prompts.
+as in LLaVA), width 128, 3 layers; language model width 128, 6 layers, 4 query
+/ 2 key-value heads, MLP 384, a 2,048-word vocabulary (the task words, then the
+commonest words of the English corpus it first learns, ``demo.corpus``). About
+2.5M parameters, 10 MB in float32. A prompt is ``<s> <image> x 64 question-words``
+(text-only: no image tokens), so image tokens outnumber text tokens about 8 to 1,
+as in real LLaVA prompts.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tamp_modifier.demo.corpus import frequent_words
 from tamp_modifier.demo.tasks import CELL, IMAGE_SIZE, Question, vocabulary
 from tamp_modifier.synthetic import word_level_tokenizer
 
 __all__ = [
     "IMAGE_TOKENS",
     "SPECIAL_TOKENS",
+    "VOCAB_SIZE",
     "CHAT_TEMPLATE",
     "build_demo_model",
     "build_demo_processor",
@@ -39,6 +43,7 @@ __all__ = [
     "calibration_dataset",
     "demo_calibration_set",
     "demo_model_path",
+    "demo_words",
     "encode_prompt",
     "load_demo_model",
     "pixel_values",
@@ -47,14 +52,21 @@ __all__ = [
 ]
 
 IMAGE_TOKENS = (IMAGE_SIZE // CELL) ** 2
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>")
-PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = range(4)
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, UNK_ID = range(5)
+VOCAB_SIZE = 2048
+
+
+def demo_words() -> list[str]:
+    """The tokenizer's words in id order: specials, the task words, then the corpus's commonest."""
+    fixed = [*SPECIAL_TOKENS, *vocabulary()]
+    return fixed + frequent_words(VOCAB_SIZE - len(fixed), exclude=fixed)
 
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the task suite's words (ids fixed by ``vocabulary()``)."""
-    vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
-    return word_level_tokenizer(vocab, padding_side="left")
+    """Word-level tokenizer over ``demo_words()`` (other words read as ``<unk>``)."""
+    vocab = {w: i for i, w in enumerate(demo_words())}
+    return word_level_tokenizer(vocab, unk_token="<unk>", padding_side="left")
 
 
 # A conversation as the demo was trained on it: "<s>", "<image>" for each image, the words.
@@ -102,16 +114,13 @@ def save_demo_processor(tokenizer: PreTrainedTokenizerFast, path: str | os.PathL
 
 def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
     """The untrained demo model (eager attention, float32), seeded."""
-    vocab_size = 64
-    if len(SPECIAL_TOKENS) + len(vocabulary()) > vocab_size:
-        raise ValueError("the task vocabulary outgrew the demo model's embedding table")
     vision = CLIPVisionConfig(
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=128,
     )
     text = LlamaConfig(
-        hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
-        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256,
+        hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256,
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
     )
     config = LlavaConfig(
@@ -126,7 +135,7 @@ def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
 def encode_prompt(question: Question, tokenizer: PreTrainedTokenizerFast) -> list[int]:
     """Token ids of ``question``'s prompt, image placeholders expanded."""
     words = tokenizer(question.prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.pad_token_id in words:
+    if tokenizer.pad_token_id in words or tokenizer.unk_token_id in words:
         raise ValueError(f"prompt {question.prompt!r} has words outside the demo vocabulary")
     image = [IMAGE_ID] * IMAGE_TOKENS if question.image is not None else []
     return [BOS_ID, *image, *words]
