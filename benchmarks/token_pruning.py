@@ -267,7 +267,8 @@ def markdown(results) -> str:
         f"{results['settings']['eval_per_family']} held-out questions per task; shares, FLOPs and "
         "prefill time over the image questions (text-only questions have no visual token and are not "
         "pruned). "
-        "`relative` is accuracy / the same weights without token pruning x 100, mean over the six tasks. "
+        "`relative` is accuracy / the same weights without token pruning x 100, mean over the "
+        f"{len(FAMILIES)} tasks. "
         "FLOPs: prefill FLOPs of the decoder layers, ratio to no pruning. Accuracy per task in %. "
         "Prefill times are in the tables at the end (the per-run `prefill_seconds` in the JSON were "
         "taken under other jobs' load and are not comparable).",
