@@ -37,7 +37,7 @@ def channel_norm_spread(model, rows) -> dict[str, list[float]]:
     try:
         with torch.no_grad():
             for row in rows:
-                model(**{k: v for k, v in row.items()})
+                model(**row)
     finally:
         for h in handles:
             h.remove()

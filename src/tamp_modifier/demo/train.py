@@ -152,6 +152,14 @@ def corpus_ids(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:cut], ids[cut:]
 
 
+def _update(opt, params, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``, gradients clipped to norm 1."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def _text_loss(model, windows: torch.Tensor) -> torch.Tensor:
     return model(input_ids=windows, labels=windows).loss
 
@@ -196,7 +204,7 @@ def train_demo_model(
         return text_windows(text, text_length, batch, rng, tokenizer.bos_token_id).to(device)
 
     # Phase 0: the language model alone, next word on English text.
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n and "projector" not in n]
+    params = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     bar = tqdm(range(text_steps), desc="language model", disable=not progress)
     for step in bar:
@@ -204,10 +212,7 @@ def train_demo_model(
             group["lr"] = lr * _schedule(step, text_steps, 30)
         # Twice phase 2's text batch: text is all it learns here.
         loss = _text_loss(model, windows(2 * text_batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
     # Phase 1: the vision tower alone, on what can be read off the images.
@@ -221,10 +226,7 @@ def train_demo_model(
             group["lr"] = lr * _schedule(step, vision_steps, 20)
         hidden = tower(pixel_values([q.image for q in chunk]).to(device)).last_hidden_state
         loss = heads.loss(hidden, {k: v.to(device) for k, v in _stack_labels(chunk).items()})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss)
 
     # Phase 2: everything, on the questions, auxiliary losses and English text kept on.
     mix = (*FAMILIES, *_EXTRA)
@@ -250,10 +252,7 @@ def train_demo_model(
             loss = loss + aux_weight * heads.loss(captured["h"], labels)
         if text_weight > 0:
             loss = loss + text_weight * _text_loss(model, windows(text_batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss)
         acc = (logits.argmax(-1) == answers).float().mean().item()
         running = acc if running is None else 0.95 * running + 0.05 * acc
         bar.set_postfix(loss=f"{task_loss.item():.3f}", acc=f"{running:.2f}")
