@@ -49,22 +49,22 @@ def run(config: str, model, tokenizer, data, output_dir=None) -> dict:
     """One oneshot run; its masks, reports, and the channel norms the masks came from."""
     from conftest import language_linears, run_oneshot
 
-    from tamp_modifier.modifiers.adaptive_input_activation import AdaptiveInputActivation
+    from tamp_modifier.modifiers.layer_statistics import ChannelNorms
     from tamp_modifier.report import attached_report
 
     norms = {}
-    original = AdaptiveInputActivation._mask
+    names = {id(m): n for n, m in model.named_modules()}
+    original = ChannelNorms.result
 
-    def recording_mask(self, module):  # runs on the rank that owns the module
-        count = int(self._selected[module].sum())
-        norms[self._module_names[module]] = torch.sqrt(self._sq_sums[module] / count).cpu()
-        return original(self, module)
+    def recording_result(self, module, *args):  # runs on the rank that owns the module
+        norms[names[id(module)]] = torch.sqrt(self.sq_sums[module] / self.totals[module]).cpu()
+        return original(self, module, *args)
 
-    AdaptiveInputActivation._mask = recording_mask
+    ChannelNorms.result = recording_result
     try:
         run_oneshot(model, tokenizer, data, recipe(config), output_dir=output_dir)
     finally:
-        AdaptiveInputActivation._mask = original
+        ChannelNorms.result = original
     report = attached_report(model)
     return {
         "masks": {n: (m.weight == 0).clone() for n, m in language_linears(model).items()},

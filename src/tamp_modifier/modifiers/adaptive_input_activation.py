@@ -1,4 +1,4 @@
-"""AdaptiveInputActivation: Wanda with activation norms over the tokens that matter."""
+"""AdaptiveInputActivation: Wanda or SparseGPT, from the tokens that matter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifier
 from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from tamp_modifier.activation_pruning import parse_mask_structure, prune_mask
+from tamp_modifier.activation_pruning import parse_mask_structure
 from tamp_modifier.distributed import (
     any_rank,
     assign_to_ranks,
@@ -26,10 +26,12 @@ from tamp_modifier.distributed import (
     world_size,
 )
 from tamp_modifier.modality import resolve_modality_token_ids
+from tamp_modifier.modifiers.layer_statistics import RECONSTRUCTIONS, ChannelNorms, TokenHessians
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import attach_report
 from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
+from tamp_modifier.token_weighting import TOKEN_WEIGHTINGS, weighted_rows
 from tamp_modifier.validation import one_of
 
 __all__ = ["AdaptiveInputActivation"]
@@ -47,6 +49,21 @@ class AdaptiveInputActivation(SparsityModifierBase):
     all the sample's tokens (``tamp_modifier.select_tokens``). Pruning is then
     Wanda's: per output row, or N:M. Placed after ``DiversityAwareSparsity`` in
     the same recipe, it prunes every layer at the ratio DAS assigned: that is TAMP.
+
+    With ``reconstruction: sparsegpt`` the same tokens build SparseGPT's Hessian
+    ``H = 2/N sum_t w_t x_t x_t^T`` instead (``w_t`` from ``token_weighting``), and
+    llm-compressor's SparseGPT prunes and reconstructs each Linear from it: with
+    every token weighted 1 that is llm-compressor's ``SparseGPTModifier``.
+
+    Lifecycle:
+
+    - on_initialize: the modality token ids, the token labels
+    - on_calibration_start: hooks on every pruned Linear and on each block's attention
+    - calibrate_module (per sample): pick the tokens, add their rows to the
+      module's statistic (``layer_statistics``)
+    - on_sequential_batch_end -> compress_modules: sum over ranks, prune each
+      module at its ratio, write the weight
+    - on_finalize: the report, the pattern check
 
     Sample yaml (``import tamp_modifier`` first, or use ``tamp-prune``)::
 
@@ -67,6 +84,12 @@ class AdaptiveInputActivation(SparsityModifierBase):
     :param knn, gamma, penalty_gamma, mmd_scale: the selection's settings (spec)
     :param random_tokens: tokens per sample for ``random``
     :param seed: seed for ``random``
+    :param reconstruction: ``wanda`` (default: mask only) or ``sparsegpt`` (mask
+        and reconstruction from the selected tokens' Hessian)
+    :param token_weighting: ``selected`` (only the selected tokens, default) or
+        ``upweighted`` (every token, the selected ones ``selected_weight`` times)
+    :param selected_weight: the selected tokens' weight for ``upweighted``
+    :param block_size, dampening_frac: SparseGPT's, as in ``SparseGPTModifier``
     :param modality_token_ids: ``{image: [ids], ...}``; default from the config
     """
 
@@ -79,6 +102,11 @@ class AdaptiveInputActivation(SparsityModifierBase):
     random_tokens: int = 100
     seed: int = 0
     modality_token_ids: dict[str, list[int]] | None = None
+    reconstruction: str = "wanda"
+    token_weighting: str = "selected"
+    selected_weight: float = 4.0
+    block_size: int = 128
+    dampening_frac: float = 0.01
 
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
     _labels: CalibrationTokenLabels | None = PrivateAttr(default=None)
@@ -86,17 +114,28 @@ class AdaptiveInputActivation(SparsityModifierBase):
     _block_of: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _attention: dict[str, tuple[int, torch.Tensor]] = PrivateAttr(default_factory=dict)
     _pending: dict[str, list] = PrivateAttr(default_factory=dict)
-    _sq_sums: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _statistic: ChannelNorms | TokenHessians | None = PrivateAttr(default=None)
     _selected: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _seen: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _checked_ranks: bool = PrivateAttr(default=False)
     _layers_report: dict[str, dict] = PrivateAttr(default_factory=dict)
-    _seconds: dict[str, float] = PrivateAttr(default_factory=lambda: {"selection": 0.0, "pruning": 0.0})
+    _seconds: dict[str, float] = PrivateAttr(default_factory=lambda: {"selection": 0.0, "statistics": 0.0,
+                                                                          "pruning": 0.0})
 
     @field_validator("token_selection")
     @classmethod
     def _check_selection(cls, value: str) -> str:
         return one_of("token_selection", value, TOKEN_SELECTIONS)
+
+    @field_validator("reconstruction")
+    @classmethod
+    def _check_reconstruction(cls, value: str) -> str:
+        return one_of("reconstruction", value, RECONSTRUCTIONS)
+
+    @field_validator("token_weighting")
+    @classmethod
+    def _check_weighting(cls, value: str) -> str:
+        return one_of("token_weighting", value, TOKEN_WEIGHTINGS)
 
     @field_validator("mask_structure")
     @classmethod
@@ -123,6 +162,12 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.mmd_scale <= 0:
             raise ValueError(f"mmd_scale must be > 0, got {self.mmd_scale}")
+        if self.selected_weight < 1:
+            raise ValueError(f"selected_weight must be >= 1 (the selected tokens' weight against 1 "
+                             f"for the others), got {self.selected_weight}")
+        if self.block_size < 1 or not (self.dampening_frac or 0) >= 0:
+            raise ValueError("block_size must be >= 1 and dampening_frac >= 0, got "
+                             f"{self.block_size} and {self.dampening_frac}")
         return self
 
     def set_layer_sparsity(self, ratios: dict[str, float]) -> None:
@@ -140,6 +185,8 @@ class AdaptiveInputActivation(SparsityModifierBase):
         token_ids = resolve_modality_token_ids(state.model.config, self.modality_token_ids)
         self._labels = CalibrationTokenLabels(token_ids)
         self._modalities = ["text", *token_ids]
+        self._statistic = (TokenHessians(self.block_size, self.dampening_frac or 0.0)
+                           if self.reconstruction == "sparsegpt" else ChannelNorms())
         warn_pattern_breaking_steps(self)
         return True
 
@@ -214,27 +261,29 @@ class AdaptiveInputActivation(SparsityModifierBase):
             inputs, outputs = inputs.unsqueeze(0), outputs.unsqueeze(0)
         labels = self._labels.current(inputs.shape[:-1]).to(inputs.device)
         attention = self._attention[self._block_of[module]][1] if self._needs_attention else None
-        if module not in self._sq_sums:
-            # float64: a float32 value squares exactly, and the sums over samples then
-            # do not depend on their order (nor on which rank saw which sample)
-            # beyond ~1e-16 relative, so a torchrun run equals a one-process run.
-            self._sq_sums[module] = torch.zeros(inputs.shape[-1], dtype=torch.float64, device=inputs.device)
+        if module not in self._selected:
             self._selected[module] = torch.zeros(len(self._modalities), dtype=torch.long)
             self._seen[module] = torch.zeros(len(self._modalities), dtype=torch.long)
-        start = time.perf_counter()
+        start, statistics_before = time.perf_counter(), self._seconds["statistics"]
         m = len(self._modalities)
         for b in range(inputs.shape[0]):
             real = (labels[b] >= 0).nonzero().flatten()
             padded = len(real) < labels.shape[1]  # else skip copying the real tokens out
             out, lab = (outputs[b, real], labels[b, real]) if padded else (outputs[b], labels[b])
             chosen = self._choose(module, out, attention, lab, b, real)
+            x = inputs[b, real] if padded else inputs[b]
+            rows = weighted_rows(x, chosen, self.token_weighting, self.selected_weight)
+            weight = (len(chosen) if self.token_weighting == "selected"
+                      else len(real) + (self.selected_weight - 1) * len(chosen))
+            picked = time.perf_counter()
+            self._statistic.add(module, rows, weight)
+            self._seconds["statistics"] += time.perf_counter() - picked
             if padded:
                 chosen = real[chosen]
-            x = inputs[b, chosen].double()
-            self._sq_sums[module] += x.square().sum(0)
             self._selected[module] += torch.bincount(labels[b, chosen].long().cpu(), minlength=m)[:m]
             self._seen[module] += torch.bincount(lab.long().cpu(), minlength=m)[:m]
-        self._seconds["selection"] += time.perf_counter() - start
+        spent_on_statistics = self._seconds["statistics"] - statistics_before
+        self._seconds["selection"] += time.perf_counter() - start - spent_on_statistics
 
     def _choose(self, module, outputs, attention, labels, b, real) -> torch.Tensor:
         n = outputs.shape[0]
@@ -264,18 +313,18 @@ class AdaptiveInputActivation(SparsityModifierBase):
         # module (GPTQ's bin packing by size), all ranks at once, then broadcast.
         # In one process a mask is made just before use: one mask in memory.
         owner = assign_to_ranks(modules, [m.weight.numel() for m in modules])
-        masks = {m: self._mask(m) for m in modules if owner[m] == rank()} if is_distributed() else {}
+        results = ({m: self._result(m) for m in modules if owner[m] == rank()} if is_distributed() else {})
         for module in modules:
             name = self._module_names[module].rstrip(".")
             sparsity = self._sparsity(module)
             with torch.no_grad(), align_module_device(module):
-                mask = masks.pop(module) if module in masks else None
-                if mask is None and owner[module] == rank():
-                    mask = self._mask(module)
-                mask = broadcast_tensor(mask, module.weight.shape, torch.bool, src=owner[module],
-                                        device=module.weight.device)
-                self._apply_mask(module, mask, owner[module])
-            del self._sq_sums[module]
+                result = results.pop(module) if module in results else None
+                if result is None and owner[module] == rank():
+                    result = self._result(module)
+                result = broadcast_tensor(result, module.weight.shape, self._statistic.result_dtype(module),
+                                          src=owner[module], device=module.weight.device)
+                self._write(module, result, owner[module])
+            kept = self._statistic.drop(module)
             selected, seen = self._selected.pop(module).tolist(), self._seen.pop(module).tolist()
             self._layers_report[name] = {
                 "sparsity": None if self._prune_n else float(sparsity),
@@ -283,6 +332,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 "selected": dict(zip(self._modalities, selected)),
                 "tokens": dict(zip(self._modalities, seen)),
                 "share": sum(selected) / max(sum(seen), 1),
+                **kept,
             }
         barrier()  # owners' writes to offload shared between ranks land before anyone reads it
         self._seconds["pruning"] += time.perf_counter() - start
@@ -290,51 +340,50 @@ class AdaptiveInputActivation(SparsityModifierBase):
     def _calibrated_modules(self) -> list[torch.nn.Module]:
         """The modules this subgraph calibrated; in distributed runs, on any rank, in one order."""
         if not is_distributed():
-            return list(self._sq_sums)
+            return list(self._selected)
         by_name = {name: module for module, name in self._module_names.items()}
-        names = union_across_ranks([self._module_names[m] for m in self._sq_sums])
+        names = union_across_ranks([self._module_names[m] for m in self._selected])
         return [by_name[n] for n in names]
 
     def _reduce_across_ranks(self, modules: list[torch.nn.Module]) -> None:
-        """Sum each module's squared-input sums and token counts over the ranks."""
+        """Sum each module's statistic and token counts over the ranks."""
         if not is_distributed():
             return
         m = len(self._modalities)
         for module in modules:  # a rank may have had no sample reach a module
-            if module not in self._sq_sums:
-                self._sq_sums[module] = torch.zeros(module.weight.shape[1], dtype=torch.float64)
+            if module not in self._selected:
+                self._statistic.empty(module)
                 self._selected[module] = torch.zeros(m, dtype=torch.long)
                 self._seen[module] = torch.zeros(m, dtype=torch.long)
-        stats = [d[module] for d in (self._sq_sums, self._selected, self._seen) for module in modules]
-        reduced = iter(sum_across_ranks(stats))
-        for d in (self._sq_sums, self._selected, self._seen):
+        states = [self._statistic.state(module) for module in modules]
+        counts = [d[module] for d in (self._selected, self._seen) for module in modules]
+        reduced = iter(sum_across_ranks([t for state in states for t in state] + counts))
+        for module, state in zip(modules, states):
+            self._statistic.load(module, [next(reduced) for _ in state])
+        for d in (self._selected, self._seen):
             for module in modules:
                 d[module] = next(reduced)
 
-    def _mask(self, module: torch.nn.Module) -> torch.Tensor:
-        """Wanda's mask from the selected tokens' channel norms (True = prune)."""
-        count = int(self._selected[module].sum())
-        norm = torch.sqrt(self._sq_sums[module] / max(count, 1))
-        with torch.no_grad(), align_module_device(module):
-            weight = module.weight.data
-            return prune_mask(weight, norm.to(weight.device), self._sparsity(module),
-                              self._prune_n, self._prune_m)
+    def _result(self, module: torch.nn.Module) -> torch.Tensor:
+        """What the owner rank computes: Wanda's mask, or SparseGPT's new weight."""
+        return self._statistic.result(module, self._sparsity(module), self._prune_n, self._prune_m)
 
     def _sparsity(self, module: torch.nn.Module) -> float:
         """The module's ratio: DAS's when a DAS ran before, else this modifier's."""
         name = self._module_names[module].rstrip(".")
         return self._layer_sparsity.get(name, self._module_sparsities[module])
 
-    def _apply_mask(self, module: torch.nn.Module, mask: torch.Tensor, owner: int) -> None:
-        """Zero the masked weights on this rank, writing shared storage only once."""
+    def _write(self, module: torch.nn.Module, result: torch.Tensor, owner: int) -> None:
+        """Write the pruned weight on this rank, writing shared storage only once."""
         weight = module.weight
+        new = self._statistic.new_weight(weight.data, result)
         if shares_offload(module) and rank() != owner:
             # The owner writes the offload all ranks share; here only a private
-            # onloaded copy (a GPU's) needs the same zeros.
+            # onloaded copy (a GPU's) needs the same weight.
             if weight.data_ptr() != module._parameters.offloaded_values["weight"].data_ptr():
-                weight.data.masked_fill_(mask, 0)
+                weight.data.copy_(new)
             return
-        update_offload_parameter(module, "weight", weight.data.masked_fill(mask, 0))
+        update_offload_parameter(module, "weight", new)
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         if any_rank(bool(self._pending)):  # decided together: a rank raising alone hangs the rest
@@ -358,9 +407,13 @@ class AdaptiveInputActivation(SparsityModifierBase):
         attach_report(model, "amia", {
             "method": "AdaptiveInputActivation",
             "token_selection": self.token_selection,
+            "reconstruction": self.reconstruction,
+            "token_weighting": self.token_weighting,
             "mask_structure": self.mask_structure,
             "settings": {"knn": self.knn, "gamma": self.gamma, "penalty_gamma": self.penalty_gamma,
-                         "mmd_scale": self.mmd_scale, "random_tokens": self.random_tokens, "seed": self.seed},
+                         "mmd_scale": self.mmd_scale, "random_tokens": self.random_tokens, "seed": self.seed,
+                         "selected_weight": self.selected_weight, "block_size": self.block_size,
+                         "dampening_frac": self.dampening_frac},
             "from_das": bool(self._layer_sparsity),
             "ranks": world_size(),
             "selected_share": share,
@@ -368,5 +421,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
             "layers": self._layers_report,
         })
         text = ", ".join(f"{m} {s:.1%}" for m, s in share.items() if s is not None)
-        logger.info(f"AdaptiveInputActivation ({self.token_selection}): share of tokens selected: {text}; "
-                    f"selection {self._seconds['selection']:.1f} s, pruning {self._seconds['pruning']:.1f} s")
+        logger.info(f"AdaptiveInputActivation ({self.token_selection}, {self.reconstruction}): share of "
+                    f"tokens selected: {text}; "
+                    f"selection {self._seconds['selection']:.1f} s, statistics "
+                    f"{self._seconds['statistics']:.1f} s, pruning {self._seconds['pruning']:.1f} s")
