@@ -23,7 +23,8 @@ DEFAULT_RECIPE = "tamp"
 # that --help needs no import of the package, whose __init__ loads llm-compressor.
 SHIPPED_RECIPES = (
     "das_profile", "das_sparsegpt", "das_wanda", "tamp", "tamp_2of4", "tamp_2of4_fp8",
-    "tamp_2of4_w4a16", "tamp_2of4_w8a8", "tamp_fp8", "tamp_w4a16", "tamp_w8a8",
+    "tamp_2of4_w4a16", "tamp_2of4_w8a8", "tamp_fp8", "tamp_sparsegpt", "tamp_sparsegpt_2of4",
+    "tamp_w4a16", "tamp_w8a8",
 )
 
 EXAMPLES = f"""examples:

@@ -23,7 +23,8 @@ import torch
 
 NUM_SAMPLES = 6  # 3 per rank
 WORLD = 2
-CONFIGS = ("das_wanda", "tamp", "tamp_private")
+CONFIGS = ("das_wanda", "tamp", "tamp_private")  # masks equal to one process's, bit for bit
+SPARSEGPT = "tamp_sparsegpt"  # float32 Hessians summed over ranks: equal up to rounding
 
 
 def build(folder: Path):
@@ -40,9 +41,10 @@ def recipe(config: str):
     from tamp_modifier.models import TOWER_IGNORE
 
     selection = "all" if config == "das_wanda" else "amia"  # `all` is Wanda's rule
+    reconstruction = "sparsegpt" if config == SPARSEGPT else "wanda"
     return [DiversityAwareSparsity(),
-            AdaptiveInputActivation(sparsity=0.5, token_selection=selection, targets=["Linear"],
-                                    ignore=TOWER_IGNORE)]
+            AdaptiveInputActivation(sparsity=0.5, token_selection=selection, reconstruction=reconstruction,
+                                    targets=["Linear"], ignore=TOWER_IGNORE)]
 
 
 def run(config: str, model, tokenizer, data, output_dir=None) -> dict:
@@ -68,9 +70,12 @@ def run(config: str, model, tokenizer, data, output_dir=None) -> dict:
     report = attached_report(model)
     return {
         "masks": {n: (m.weight == 0).clone() for n, m in language_linears(model).items()},
+        "weights": ({n: m.weight.detach().clone() for n, m in language_linears(model).items()}
+                    if config == SPARSEGPT else None),
         "das": {n: (v["score"], v["assigned"]) for n, v in report["das"]["layers"].items()},
         "das_tokens": report["das"]["tokens"],
         "amia": {n: (v["selected"], v["tokens"]) for n, v in report["amia"]["layers"].items()},
+        "samples": {n: v.get("samples") for n, v in report["amia"]["layers"].items()},
         "ranks": (report["das"]["ranks"], report["amia"]["ranks"]),
         "norms": norms,
     }
@@ -102,7 +107,7 @@ def rank_main(out: Path) -> None:
     set_onload_device(private[0], "cpu")
     init_distributed()
     results = {}
-    for config in CONFIGS:
+    for config in (*CONFIGS, SPARSEGPT):
         model, tokenizer, data = private if config == "tamp_private" else build(out / f"{config}-{r}")
         saved = out / "saved" if config == "tamp" else None  # written by rank 0 alone
         results[config] = run(config, model, tokenizer, rank_share(data), output_dir=saved)
@@ -129,7 +134,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     try:  # the one-process reference runs while the ranks start up
         single = {}
-        for config in ("das_wanda", "tamp"):
+        for config in ("das_wanda", "tamp", SPARSEGPT):
             model, tokenizer, data = build(out / f"single-{config}")
             single[config] = run(config, model, tokenizer, data)
         single["tamp_private"] = single["tamp"]
@@ -171,6 +176,22 @@ def test_statistics_are_summed_over_all_ranks(runs, config):
         for name, (score, assigned) in ref["das"].items():
             assert got["das"][name][1] == assigned, name
             assert abs(got["das"][name][0] - score) < 1e-12, name
+
+
+def test_sparsegpt_reconstruction_is_data_parallel(runs):
+    single, ranks, _ = runs
+    ref = single[SPARSEGPT]
+    for result in ranks:
+        got = result[SPARSEGPT]
+        assert got["samples"] == ref["samples"] and set(ref["samples"].values()) == {NUM_SAMPLES}
+        assert got["amia"] == ref["amia"]
+        for name, weight in ref["weights"].items():
+            # Every rank writes the owner's weight: the ranks agree bit for bit.
+            assert torch.equal(got["weights"][name], ranks[0][SPARSEGPT]["weights"][name]), name
+            # The one-process Hessian is a float32 running mean, the ranks' a float64 sum of
+            # theirs: the same up to rounding, so the reconstruction is too.
+            assert (got["masks"][name] != ref["masks"][name]).float().mean() < 0.01, name
+            assert torch.allclose(got["weights"][name], weight, atol=1e-3 * float(weight.abs().max())), name
 
 
 def test_the_saved_checkpoint_has_the_single_process_masks(runs):
