@@ -24,10 +24,15 @@ Methods (all prune the language model's Linears; towers, projector, lm_head stay
     amia           AdaptiveInputActivation alone (uniform ratio)
     tamp           DAS + AMIA (at 2:4: AMIA alone, as the tamp_2of4 recipe)
     das+sparsegpt  DAS, then SparseGPT at its ratios
+    amia+sparsegpt     AMIA's tokens only in SparseGPT's Hessian (reconstruction: sparsegpt), uniform ratio
+    tamp+sparsegpt     DAS, then that at DAS's ratios (the tamp_sparsegpt recipe)
+    tamp+sparsegpt-up4 the same with every token and the selected ones weighted 4x
+                       (token_weighting: upweighted, selected_weight: 4)
+    tamp+sparsegpt-up16  ... weighted 16x
 
 Small models lose less than real ones at deployed sparsities, so 70% to 90% are measured
 too. DAS and OWL set per-layer ratios, which N:M does not take: at 2:4 they are
-skipped, and ``tamp`` is AMIA with 2:4. Runs go to ``--workers`` processes,
+skipped, and ``tamp`` (``tamp+sparsegpt*``) is AMIA (with SparseGPT) with 2:4. Runs go to ``--workers`` processes,
 each on one thread; wall time and peak RSS are per run, inside its process.
 
     python benchmarks/quality.py --eval-per-family 200  # all, 3 seeds: ~15 min on 2 cores
@@ -48,7 +53,15 @@ from pathlib import Path
 
 from speed import reset_peak_rss  # benchmarks/ is on sys.path when run as a script
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "owl", "das+wanda", "amia", "tamp", "das+sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "owl", "das+wanda", "amia", "tamp", "das+sparsegpt",
+           "amia+sparsegpt", "tamp+sparsegpt", "tamp+sparsegpt-up4", "tamp+sparsegpt-up16")
+# AMIA with reconstruction: sparsegpt, and how it weights the tokens.
+SPARSEGPT_AMIA = {
+    "amia+sparsegpt": {"token_weighting": "selected"},
+    "tamp+sparsegpt": {"token_weighting": "selected"},
+    "tamp+sparsegpt-up4": {"token_weighting": "upweighted", "selected_weight": 4.0},
+    "tamp+sparsegpt-up16": {"token_weighting": "upweighted", "selected_weight": 16.0},
+}
 SETTINGS = ("0.5", "0.6", "0.7", "0.8", "0.9", "2:4")
 RATIO_METHODS = ("owl", "das+wanda", "das+sparsegpt")  # per-layer ratios: not with N:M
 
@@ -78,6 +91,9 @@ def _recipe(method: str, setting: str):
     if method == "tamp":
         return [AdaptiveInputActivation(**common)] if setting == "2:4" else [
             das, AdaptiveInputActivation(**common)]
+    if method in SPARSEGPT_AMIA:
+        amia = AdaptiveInputActivation(reconstruction="sparsegpt", **SPARSEGPT_AMIA[method], **common)
+        return [amia] if setting == "2:4" or method.startswith("amia") else [das, amia]
     if method in ("das+wanda", "das+sparsegpt"):
         return [das, pruner[method.split("+")[1]](**common)]
     raise ValueError(method)

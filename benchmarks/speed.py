@@ -12,6 +12,9 @@ in its own fresh subprocess so peak memory is not shared between methods:
     amia       AdaptiveInputActivation(sparsity=0.5) alone: Wanda with AMIA's tokens
     tamp       DAS followed by AMIA: TAMP (two calibration pipelines)
     tamp_das32 TAMP with DAS scoring the first 32 samples (profile_samples: 32)
+    sparsegpt  SparseGPTModifier(sparsity=0.5) alone (llm-compressor's)
+    tamp_sparsegpt  DAS followed by AMIA with reconstruction: sparsegpt (the
+               tamp_sparsegpt recipe: AMIA's tokens in SparseGPT's Hessian)
 
 For each it times only the ``oneshot(...)`` call (model and data are built
 first, same seed for every method) and reads the process's peak RSS during
@@ -41,7 +44,7 @@ import sys
 import tempfile
 import time
 
-METHODS = ("wanda", "das", "das+wanda", "amia", "tamp", "tamp_das32")
+METHODS = ("wanda", "das", "das+wanda", "amia", "tamp", "tamp_das32", "sparsegpt", "tamp_sparsegpt")
 CORES = len(os.sched_getaffinity(0))
 
 
@@ -66,7 +69,7 @@ def reset_peak_rss():
 
 def method_recipe(method: str) -> list:
     """The modifiers a benchmark method runs: 50% on the language model's Linears."""
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
     from tamp_modifier.models import TOWER_IGNORE
@@ -80,6 +83,9 @@ def method_recipe(method: str) -> list:
         "tamp": lambda: [DiversityAwareSparsity(), AdaptiveInputActivation(sparsity=0.5, **pruner)],
         "tamp_das32": lambda: [DiversityAwareSparsity(profile_samples=32),
                                AdaptiveInputActivation(sparsity=0.5, **pruner)],
+        "sparsegpt": lambda: [SparseGPTModifier(sparsity=0.5, **pruner)],
+        "tamp_sparsegpt": lambda: [DiversityAwareSparsity(),
+                                   AdaptiveInputActivation(sparsity=0.5, reconstruction="sparsegpt", **pruner)],
     }[method]()
 
 
@@ -150,7 +156,7 @@ def worker(args):
         lm_params=sum(p.numel() for p in model.model.language_model.parameters()),
         layers=model.config.text_config.num_hidden_layers,
         tokens=statistics.mean(lengths), tokens_min=min(lengths), tokens_max=max(lengths),
-        selection_s=split.get("selection"), pruning_s=split.get("pruning"),
+        selection_s=split.get("selection"), statistics_s=split.get("statistics"), pruning_s=split.get("pruning"),
     )))
 
 
@@ -218,9 +224,11 @@ def main():
               f"| {ratio(r, 'peak_ratio')} |")
     for m, r in results.items():
         if r.get("selection_s") is not None:
-            rest = r["seconds"] - r["selection_s"] - r["pruning_s"]
-            print(f"\n{m} time split (first run): token selection {r['selection_s']:.1f} s, pruning "
-                  f"{r['pruning_s']:.1f} s, calibration passes and the rest {rest:.1f} s")
+            statistics_s = r.get("statistics_s") or 0.0
+            rest = r["seconds"] - r["selection_s"] - statistics_s - r["pruning_s"]
+            print(f"\n{m} time split (first run): token selection {r['selection_s']:.1f} s, statistics "
+                  f"(norms or Hessians) {statistics_s:.1f} s, pruning {r['pruning_s']:.1f} s, calibration "
+                  f"passes and the rest {rest:.1f} s")
     if not all(r["peak_reset"] for r in results.values()):
         print("\nwarning: /proc/self/clear_refs not writable: peaks include building the data")
     targets = {"das": 0.6, "amia": 1.15, "tamp": 1.6, "tamp_das32": 1.6}
