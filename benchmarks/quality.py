@@ -35,7 +35,7 @@ too. DAS and OWL set per-layer ratios, which N:M does not take: at 2:4 they are
 skipped, and ``tamp`` (``tamp+sparsegpt*``) is AMIA (with SparseGPT) with 2:4. Runs go to ``--workers`` processes,
 each on one thread; wall time and peak RSS are per run, inside its process.
 
-    python benchmarks/quality.py --eval-per-family 200  # all, 3 seeds: ~15 min on 2 cores
+    python benchmarks/quality.py --eval-per-family 200  # all, 3 seeds: ~20 min on 2 cores
     python benchmarks/quality.py --methods wanda tamp --settings 0.5 --seeds 0
 """
 
