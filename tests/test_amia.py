@@ -83,11 +83,16 @@ def dense_layer0_inputs(model, data):
     return linears, records
 
 
+def layer0_case(tiny, seed: int):
+    """A tiny LLaVA, 3 calibration rows, and its dense layer-0 records (``dense_layer0_inputs``)."""
+    model, tokenizer, _ = tiny("llava")
+    data = make_calibration_dataset(model, 3, seed=seed)
+    return (model, tokenizer, data, *dense_layer0_inputs(model, data))
+
+
 @pytest.mark.parametrize("selection", ["amia", "attention"])
 def test_layer0_masks_match_an_independent_computation(tiny, selection):
-    model, tokenizer, _ = tiny("llava")
-    data = make_calibration_dataset(model, 3, seed=11)
-    linears, records = dense_layer0_inputs(model, data)
+    model, tokenizer, data, linears, records = layer0_case(tiny, seed=11)
     image = model.config.image_token_id
     weights = {n: m.weight.detach().clone() for n, m in linears.items()}
 
@@ -145,14 +150,16 @@ def test_tamp_recipe_end_to_end(tiny, tmp_path, family):
     assert_reloads_equal(model, tmp_path / "t")
 
 
-def test_2of4_recipe(tiny, tmp_path):
+@pytest.mark.parametrize("recipe, reconstruction", [("tamp_2of4", "wanda"), ("tamp_sparsegpt_2of4", "sparsegpt")])
+def test_2of4_recipe(tiny, tmp_path, recipe, reconstruction):
     model, tokenizer, _ = tiny("llava")
     data = make_calibration_dataset(model, 3, seed=14)
-    run_oneshot(model, tokenizer, data, str(RECIPES / "tamp_2of4.yaml"), output_dir=tmp_path / "s")
+    run_oneshot(model, tokenizer, data, str(RECIPES / f"{recipe}.yaml"), output_dir=tmp_path / "s")
     for name, module in language_linears(model).items():
         groups = (module.weight == 0).reshape(module.weight.shape[0], -1, 4)
         assert (groups.sum(-1) == 2).all(), name
-    assert load_report(tmp_path / "s")["amia"]["mask_structure"] == "2:4"
+    report = load_report(tmp_path / "s")["amia"]
+    assert report["mask_structure"] == "2:4" and report["reconstruction"] == reconstruction
 
 
 def test_random_selection_is_seeded(tiny):

@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import RECIPES, assert_reloads_equal, language_linears, run_oneshot, zero_fraction
 from llmcompressor.modifiers.pruning import SparseGPTModifier
-from test_amia import amia, dense_layer0_inputs
+from test_amia import amia, layer0_case
 from test_token_selection import naive_select
 
 from tamp_modifier import DiversityAwareSparsity, load_report
 from tamp_modifier.models import TOWER_IGNORE
 from tamp_modifier.modifiers.layer_statistics import TokenHessians
-from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
+from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
 from tamp_modifier.token_weighting import token_weights, weighted_rows
 
 
@@ -67,8 +67,6 @@ def test_bad_fields(fields, message):
 @pytest.mark.parametrize("structure", ["0:0", "2:4"])
 def test_every_token_gives_llm_compressors_sparsegpt_bit_for_bit(tmp_path, structure):
     ours, theirs = twin_models("llava", seed=4)
-    from tamp_modifier.synthetic import save_tiny_model
-
     tokenizer = save_tiny_model(ours, tmp_path / "m")
     theirs.config._name_or_path = ours.config._name_or_path
     data = make_calibration_dataset(ours, 4, seed=31)
@@ -83,8 +81,6 @@ def test_every_token_gives_llm_compressors_sparsegpt_bit_for_bit(tmp_path, struc
 
 def test_upweighting_with_weight_one_is_also_llm_compressors_sparsegpt(tmp_path):
     ours, theirs = twin_models("qwen2_vl", seed=5)
-    from tamp_modifier.synthetic import save_tiny_model
-
     tokenizer = save_tiny_model(ours, tmp_path / "m")
     theirs.config._name_or_path = ours.config._name_or_path
     data = make_calibration_dataset(ours, 3, seed=32)
@@ -101,9 +97,7 @@ def test_upweighting_with_weight_one_is_also_llm_compressors_sparsegpt(tmp_path)
 
 @pytest.mark.parametrize("weighting", ["selected", "upweighted"])
 def test_layer0_hessians_match_a_brute_force_sum(tiny, weighting):
-    model, tokenizer, _ = tiny("llava")
-    data = make_calibration_dataset(model, 3, seed=33)
-    linears, records = dense_layer0_inputs(model, data)
+    model, tokenizer, data, linears, records = layer0_case(tiny, seed=33)
     image = model.config.image_token_id
     names = {id(m): n for n, m in linears.items()}
     recorded = {}
@@ -172,16 +166,6 @@ def test_tamp_sparsegpt_recipe_prunes_at_das_ratios(tiny, tmp_path):
         changed += int((module.weight[kept] != dense[name][kept]).sum())  # reconstruction moved them
     assert changed > 0
     assert_reloads_equal(model, tmp_path / "t")
-
-
-def test_tamp_sparsegpt_2of4_recipe(tiny, tmp_path):
-    model, tokenizer, _ = tiny("llava")
-    data = make_calibration_dataset(model, 3, seed=36)
-    run_oneshot(model, tokenizer, data, str(RECIPES / "tamp_sparsegpt_2of4.yaml"), output_dir=tmp_path / "s")
-    for name, module in language_linears(model).items():
-        groups = (module.weight == 0).reshape(module.weight.shape[0], -1, 4)
-        assert (groups.sum(-1) >= 2).all(), name
-    assert load_report(tmp_path / "s")["amia"]["mask_structure"] == "2:4"
 
 
 def test_das_with_sparsegpt_reconstruction_and_n_m_is_refused(tiny):

@@ -28,7 +28,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
 
 from tamp_modifier.activation_pruning import prune_mask
 
-__all__ = ["ChannelNorms", "TokenHessians", "RECONSTRUCTIONS"]
+__all__ = ["RECONSTRUCTIONS", "ChannelNorms", "TokenHessians"]
 
 
 class ChannelNorms:
