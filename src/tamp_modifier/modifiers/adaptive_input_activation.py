@@ -28,6 +28,7 @@ from tamp_modifier.distributed import (
 from tamp_modifier.modality import resolve_modality_token_ids
 from tamp_modifier.modifiers.layer_statistics import RECONSTRUCTIONS, ChannelNorms, TokenHessians
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
+from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder, restore_ignore
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import attach_report
 from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
@@ -90,6 +91,9 @@ class AdaptiveInputActivation(SparsityModifierBase):
         ``upweighted`` (every token, the selected ones ``selected_weight`` times)
     :param selected_weight: the selected tokens' weight for ``upweighted``
     :param block_size, dampening_frac: SparseGPT's, as in ``SparseGPTModifier``
+    :param scope: ``text_decoder`` (default): prune only Linears inside the text
+        decoder's layers, found from the model's structure, whatever ``ignore``
+        misses; ``targets``: exactly what ``targets``/``ignore`` match
     :param modality_token_ids: ``{image: [ids], ...}``; default from the config
     """
 
@@ -107,6 +111,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
     selected_weight: float = 4.0
     block_size: int = 128
     dampening_frac: float = 0.01
+    scope: str = "text_decoder"
 
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
     _labels: CalibrationTokenLabels | None = PrivateAttr(default=None)
@@ -131,6 +136,11 @@ class AdaptiveInputActivation(SparsityModifierBase):
     @classmethod
     def _check_reconstruction(cls, value: str) -> str:
         return one_of("reconstruction", value, RECONSTRUCTIONS)
+
+    @field_validator("scope")
+    @classmethod
+    def _check_scope(cls, value: str) -> str:
+        return one_of("scope", value, SCOPES)
 
     @field_validator("token_weighting")
     @classmethod
@@ -181,6 +191,8 @@ class AdaptiveInputActivation(SparsityModifierBase):
     # ------------------------------------------------------------------ lifecycle
 
     def on_initialize(self, state: State, **kwargs) -> bool:
+        if self.scope == "text_decoder":
+            confine_to_text_decoder(self, state.model)
         super().on_initialize(state, **kwargs)
         token_ids = resolve_modality_token_ids(state.model.config, self.modality_token_ids)
         self._labels = CalibrationTokenLabels(token_ids)
@@ -197,6 +209,15 @@ class AdaptiveInputActivation(SparsityModifierBase):
         for module, name in self._module_names.items():
             owners = [b for b in blocks if name.startswith(b + ".")]
             self._block_of[module] = max(owners, key=len) if owners else ""
+        outside = sorted(name.rstrip(".") for module, name in self._module_names.items()
+                         if not self._block_of[module])
+        if outside:
+            raise ValueError(
+                f"AdaptiveInputActivation would prune {len(outside)} Linears outside every decoder layer "
+                f"({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): it reads each decoder "
+                "block's tokens and attention, so it prunes Linears inside the text decoder's layers only. "
+                "Use scope: text_decoder (the default), or add them to ignore"
+            )
         used = {b for b in self._block_of.values() if b}
         self._labels.attach(self, model, [model.get_submodule(b) for b in used])
         if self._needs_attention:
@@ -212,6 +233,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
         self.remove_hooks()
+        restore_ignore(self)  # the saved recipe.yaml reads as written
         self._report(state.model)
         check_pattern_kept(self, state.model)
         self._labels = None

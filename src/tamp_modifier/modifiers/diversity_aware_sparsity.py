@@ -31,7 +31,14 @@ from tamp_modifier.modifiers.pruner_bridge import (
     hand_over,
     modules_pruned_by,
 )
+from tamp_modifier.modifiers.scope import (
+    SCOPES,
+    confine_to_text_decoder,
+    modules_outside_decoder,
+    restore_ignore,
+)
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
+from tamp_modifier.placement import find_text_decoder
 from tamp_modifier.report import REPORT_FILE_NAME, attach_report, format_table, load_report
 from tamp_modifier.validation import one_of
 
@@ -84,6 +91,9 @@ class DiversityAwareSparsity(Modifier):
         reuse its scores instead of calibrating
     :param profile_samples: score on the first this many calibration samples
         only (None: all of them); the pruner after it still uses every sample
+    :param scope: ``text_decoder`` (default): score, and let the pruner after it
+        prune, only Linears inside the text decoder's layers, found from the
+        model's structure; ``targets``: exactly what the patterns match
 
     DAS changes no weight, so its calibration runs one forward pass per decoder
     layer and sample, not llm-compressor's two (``observer_pipeline``).
@@ -97,6 +107,7 @@ class DiversityAwareSparsity(Modifier):
     modality_token_ids: dict[str, list[int]] | None = None
     targets: list[str] | None = None
     ignore: list[str] | None = None
+    scope: str = "text_decoder"
     profile: str | None = None
     profile_samples: int | None = None
     requires_calibration_data: bool = Field(default=True)
@@ -114,10 +125,11 @@ class DiversityAwareSparsity(Modifier):
     _run: ObservedPipelineRun | None = PrivateAttr(default=None)
     _samples_scored: int = PrivateAttr(default=0)
 
-    @field_validator("allocation", "diversity", "granularity")
+    @field_validator("allocation", "diversity", "granularity", "scope")
     @classmethod
     def _check_choice(cls, value: str, info) -> str:
-        choices = {"allocation": ALLOCATIONS, "diversity": DIVERSITY_MODES, "granularity": GRANULARITIES}
+        choices = {"allocation": ALLOCATIONS, "diversity": DIVERSITY_MODES, "granularity": GRANULARITIES,
+                   "scope": SCOPES}
         return one_of(info.field_name, value, choices[info.field_name])
 
     @field_validator("targets", "ignore", mode="before")
@@ -147,6 +159,9 @@ class DiversityAwareSparsity(Modifier):
             check_pruner(self._pruner)
             self._check_data_parallel()
             self._adopt_pruner_sparsity()
+            self._check_scopes_agree()
+            if self.scope == "text_decoder":
+                confine_to_text_decoder(self._pruner, model)
         elif self.sparsity is None:
             raise ValueError(
                 "DiversityAwareSparsity has no pruning modifier after it and no "
@@ -249,6 +264,8 @@ class DiversityAwareSparsity(Modifier):
             # The saved recipe.yaml should read as written, one global sparsity,
             # so that re-running it reproduces this run.
             self._pruner.sparsity = self._pruner_sparsity
+        if self._pruner is not None:
+            restore_ignore(self._pruner)
         check_pattern_kept(self, state.model)
         return True
 
@@ -267,6 +284,14 @@ class DiversityAwareSparsity(Modifier):
                 "(leave DiversityAwareSparsity's sparsity out to use the pruner's)"
             )
         self._pruner_sparsity = self._pruner.sparsity
+
+    def _check_scopes_agree(self) -> None:
+        theirs = getattr(self._pruner, "scope", None)
+        if theirs is not None and theirs != self.scope:
+            raise ValueError(
+                f"DiversityAwareSparsity has scope {self.scope!r} but {type(self._pruner).__name__} has "
+                f"{theirs!r}: they must score and prune the same layers; give both the same scope"
+            )
 
     def _check_data_parallel(self) -> None:
         # llm-compressor 0.14's Wanda and SparseGPT keep each rank's statistics to
@@ -295,9 +320,9 @@ class DiversityAwareSparsity(Modifier):
                     "match no Linear module; check the patterns (`re:` patterns match "
                     "from the start of the name: write `re:.*q_proj`)"
                 )
+        if own is not None or self._pruner is None:
+            own = self._within_scope(model, own)
         if self._pruner is None:
-            if own is None:
-                own = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
             return own
         pruned = modules_pruned_by(self._pruner, model)
         if not pruned:
@@ -305,7 +330,7 @@ class DiversityAwareSparsity(Modifier):
                 f"{type(self._pruner).__name__}'s targets/ignore match nothing to prune; "
                 'check its patterns (targets: ["Linear"] as a list)'
             )
-        modules = {n: model.get_submodule(n) for n in pruned}
+        modules = self._within_scope(model, {n: model.get_submodule(n) for n in pruned})
         not_linear = [n for n, m in modules.items() if not isinstance(m, torch.nn.Linear)]
         if not_linear:
             raise ValueError(
@@ -318,6 +343,27 @@ class DiversityAwareSparsity(Modifier):
                 "DiversityAwareSparsity and the pruner after it must cover the same "
                 f"layers. Only DAS: {extra[:3]}; only the pruner: {missing[:3]}. Leave "
                 "DAS's targets/ignore out to use the pruner's."
+            )
+        return modules
+
+    def _within_scope(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module] | None,
+                      ) -> dict[str, torch.nn.Module]:
+        """The modules DAS may score: inside the text decoder's layers (``scope``).
+
+        ``None`` stands for every Linear (a profiling run without patterns).
+        """
+        if modules is None:
+            modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        if self.scope == "text_decoder":
+            decoder = find_text_decoder(model)
+            return {n: m for n, m in modules.items() if decoder.contains(n)}
+        outside = modules_outside_decoder(model, modules)
+        if outside:
+            raise ValueError(
+                f"DiversityAwareSparsity would score {len(outside)} Linears outside every text-decoder "
+                f"layer ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): it labels the "
+                "decoder's tokens by modality, which a tower's inputs do not have. Use scope: text_decoder "
+                "(the default), or add them to the pruner's ignore list"
             )
         return modules
 

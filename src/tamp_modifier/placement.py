@@ -1,0 +1,90 @@
+"""Where the text decoder is: the layers TAMP prunes, found from the model's structure.
+
+Vision, audio and video towers, projectors, connectors and heads are called
+something else in every family (``vision_tower``, ``visual``, ``vision_model``,
+``connector``, ``audio_tower``, ``multi_modal_projector``, ...), so name patterns
+miss some and prune them silently. transformers says which submodule is the text
+decoder (``get_decoder()``); its decoder layers are the one ``ModuleList`` of
+identical blocks under it. Everything else stays dense.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TextDecoder", "find_text_decoder", "outside_decoder_patterns"]
+
+_REFUSAL = (
+    "cannot place the text decoder of {cls}: {why}. Name its decoder layer class with "
+    "sequential_targets (tamp-prune --sequential-targets CLASS) and keep everything that is not "
+    "the text decoder out with the recipe's ignore list, and set scope: targets on "
+    "DiversityAwareSparsity / AdaptiveInputActivation so that they prune what targets/ignore say"
+)
+
+
+@dataclass(frozen=True)
+class TextDecoder:
+    """The text decoder of a model: its module name, its layers' list, and their class."""
+
+    name: str  # e.g. "model.language_model" ("" when the model is the decoder itself)
+    layers: str  # e.g. "model.language_model.layers"
+    layer_class: str  # e.g. "LlamaDecoderLayer": what sequential_targets should name
+    num_layers: int
+
+    def contains(self, module_name: str) -> bool:
+        """True if ``module_name`` lies inside one of the decoder layers."""
+        return module_name.startswith(self.layers + ".")
+
+
+def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
+def find_text_decoder(model: torch.nn.Module) -> TextDecoder:
+    """The text decoder of ``model`` (a transformers model), or a ValueError saying the way out."""
+    cls = type(model).__name__
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None:
+        raise ValueError(_REFUSAL.format(cls=cls, why="it has no get_decoder() naming its text decoder"))
+    name = _name_of(model, decoder)
+    if name is None:
+        raise ValueError(_REFUSAL.format(cls=cls, why="get_decoder() returned a module outside the model"))
+    lists = [(n, m) for n, m in decoder.named_children()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+    if len(lists) != 1:
+        found = ", ".join(n for n, _ in lists) or "none"
+        raise ValueError(_REFUSAL.format(
+            cls=cls, why=f"its decoder {type(decoder).__name__} has {len(lists)} lists of identical "
+                         f"blocks ({found}), not one"))
+    child, layers = lists[0]
+    return TextDecoder(name=name, layers=f"{name}.{child}" if name else child,
+                       layer_class=type(layers[0]).__name__, num_layers=len(layers))
+
+
+def outside_decoder_patterns(model: torch.nn.Module, decoder: TextDecoder | None = None) -> list[str]:
+    """``ignore`` patterns covering every Linear outside the decoder layers, by subtree.
+
+    Each pattern names the largest submodule that holds such Linears and no
+    decoder layer (``model.vision_model``, ``model.connector``, ``lm_head``), as
+    an anchored ``re:`` pattern that also matches llm-compressor's ``name.``
+    form of a module name.
+    """
+    decoder = decoder or find_text_decoder(model)
+    layers = decoder.layers
+    roots: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or decoder.contains(name):
+            continue
+        parts = name.split(".")
+        # The shortest prefix that is not an ancestor of the decoder layers.
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if not (layers == prefix or layers.startswith(prefix + ".")):
+                break
+        if prefix not in roots:
+            roots.append(prefix)
+    return [f"re:^{re.escape(root)}(\\..*)?$" for root in roots]
