@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from tamp_modifier.placement import find_text_decoder
+
 __all__ = ["TOWER_IGNORE", "language_linears", "text_decoder_layer_class"]
 
+# The name patterns the shipped recipes list (readable, and what llm-compressor's
+# own pruners and quantizers see). Our modifiers do not rely on them: with
+# scope: text_decoder they prune only inside the text decoder (placement.py).
 # Keep vision/audio towers, projectors and lm_head dense. transformers 5 names
 # them model.vision_tower.*, model.multi_modal_projector.*, Qwen model.visual.*;
 # `re:` patterns match from the start of the name, hence the leading `.*`.
@@ -23,22 +28,13 @@ def text_decoder_layer_class(model: torch.nn.Module) -> str:
 
     llm-compressor's default sequential targets also split at vision blocks;
     vision-language models calibrate correctly only with the text layer here.
+    Found from the model's structure (``placement.find_text_decoder``); a model
+    whose decoder cannot be placed is refused with the way out.
     """
-    for name, module in model.named_modules():
-        if name.endswith("language_model.layers") and isinstance(module, torch.nn.ModuleList):
-            return type(module[0]).__name__
-    for name, module in model.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList) and "visual" not in name:
-            return type(module[0]).__name__
-    raise ValueError(
-        f"cannot find the text decoder layers of {type(model).__name__}; pass "
-        "sequential_targets explicitly (the decoder layer class name)"
-    )
+    return find_text_decoder(model).layer_class
 
 
 def language_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The Linears the shipped recipes prune: all but towers, projector and lm_head."""
-    from compressed_tensors.utils import match_named_modules
-
-    return {n: m for n, m in match_named_modules(model, ["Linear"], TOWER_IGNORE)
-            if isinstance(m, torch.nn.Linear)}
+    """The Linears the shipped recipes prune: those inside the text decoder's layers."""
+    decoder = find_text_decoder(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and decoder.contains(n)}

@@ -33,6 +33,8 @@ import torch
 from datasets import Dataset
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -44,6 +46,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
@@ -66,7 +70,7 @@ __all__ = [
     "language_model_num_params",
 ]
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "smolvlm", "idefics3")
 
 PAD_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
@@ -85,6 +89,8 @@ _ARCH_TO_FAMILY = {
     "LlavaNextForConditionalGeneration": "llava_next",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "SmolVLMForConditionalGeneration": "smolvlm",
+    "Idefics3ForConditionalGeneration": "idefics3",
 }
 
 
@@ -188,6 +194,18 @@ def _build_config(
             image_seq_length=(s // patch_size) ** 2,
             tie_word_embeddings=False,
         )
+    if family in ("smolvlm", "idefics3"):
+        # A SigLIP tower (model.vision_model), a pixel-shuffle connector
+        # (model.connector) and a Llama text model (model.text_model): none of the
+        # names the LLaVA/Qwen ignore patterns know.
+        config_class = SmolVLMConfig if family == "smolvlm" else Idefics3Config
+        return config_class(
+            text_config=text,
+            vision_config=dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                               num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 16),
+                               image_size=image_size or 32, patch_size=patch_size),
+            image_token_id=ids["image"], scale_factor=2, tie_word_embeddings=False,
+        )
     head_dim = hidden_size // num_heads
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
     common = dict(
@@ -233,6 +251,8 @@ _MODEL_CLASSES = {
     "llava_next": LlavaNextForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "smolvlm": SmolVLMForConditionalGeneration,
+    "idefics3": Idefics3ForConditionalGeneration,
 }
 
 
@@ -505,6 +525,13 @@ def _image_inputs(model, family, rng: np.random.Generator) -> tuple[dict[str, np
         if model.config.vision_feature_select_strategy == "full":
             n += 1
         return {"pixel_values": pix}, n
+    if family in ("smolvlm", "idefics3"):
+        s = vcfg.image_size
+        pix = rng.standard_normal((1, 1, 3, s, s), dtype=np.float32)  # [batch, images, C, H, W]
+        mask = np.ones((1, 1, s, s), dtype=bool)
+        # The connector's pixel shuffle merges scale_factor^2 patches into one token.
+        n = (s // vcfg.patch_size) ** 2 // model.config.scale_factor**2
+        return {"pixel_values": pix, "pixel_attention_mask": mask}, n
     if family == "llava_next":
         s = vcfg.image_size
         # anyres picks the [s, s] pinpoint for an s x s image: base + one tile.

@@ -1,0 +1,130 @@
+"""Structural placement: the text decoder found from the model, towers left dense by any name.
+
+SmolVLM and Idefics3 call their tower ``model.vision_model`` and their projector
+``model.connector``, names the shipped ignore patterns do not know: with
+name-based placement the recipes pruned both (or crashed). Checked here through
+the shipped recipes in oneshot and through ``tamp-prune``: every parameter
+outside the decoder layers bit-for-bit unchanged, the decoder at its target,
+the checkpoint reloading to the same weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from compressed_tensors.utils import match_named_modules
+from conftest import RECIPES, assert_reloads_equal, run_oneshot
+
+from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
+from tamp_modifier.models import TOWER_IGNORE, language_linears
+from tamp_modifier.placement import find_text_decoder, outside_decoder_patterns
+from tamp_modifier.synthetic import FAMILIES, make_calibration_dataset
+from tamp_prune import main as tamp_prune
+
+DECODERS = {  # family: (decoder module, its layers, the layer class), as transformers 5.17 builds them
+    "llava": ("model.language_model", "model.language_model.layers", "LlamaDecoderLayer"),
+    "llava_next": ("model.language_model", "model.language_model.layers", "LlamaDecoderLayer"),
+    "qwen2_vl": ("model.language_model", "model.language_model.layers", "Qwen2VLDecoderLayer"),
+    "qwen2_5_vl": ("model.language_model", "model.language_model.layers", "Qwen2_5_VLDecoderLayer"),
+    "smolvlm": ("model.text_model", "model.text_model.layers", "LlamaDecoderLayer"),
+    "idefics3": ("model.text_model", "model.text_model.layers", "LlamaDecoderLayer"),
+}
+NEW_NAMES = ("smolvlm", "idefics3")  # tower and projector under names no shipped pattern has
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decoder_is_found_and_the_patterns_leave_exactly_its_layers(tiny, family):
+    model, _, _ = tiny(family)
+    decoder = find_text_decoder(model)
+    assert (decoder.name, decoder.layers, decoder.layer_class) == DECODERS[family]
+    assert decoder.num_layers == model.config.get_text_config().num_hidden_layers
+    inside = {n for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith(decoder.layers + ".")}
+    assert len(inside) == 7 * decoder.num_layers  # q k v o gate up down per layer
+    kept = {n for n, m in match_named_modules(model, ["Linear"], outside_decoder_patterns(model))}
+    assert kept == inside == set(language_linears(model))
+
+
+def test_a_model_without_a_placeable_decoder_is_refused_with_the_way_out():
+    class TwoStacks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.others = torch.nn.ModuleList([torch.nn.ReLU()])
+
+        def get_decoder(self):
+            return self
+
+    for model in (torch.nn.Linear(2, 2), TwoStacks()):
+        with pytest.raises(ValueError, match="cannot place the text decoder.*sequential_targets.*ignore"):
+            find_text_decoder(model)
+
+
+def outside_parameters(model):
+    decoder = find_text_decoder(model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not decoder.contains(n)}
+
+
+def assert_only_the_decoder_changed(model, before, sparsity, tolerance=1e-9):
+    """Towers, connector, embeddings, head unchanged; each decoder Linear at its ratio.
+
+    ``sparsity``: one ratio, or DAS's per-layer ratios by name.
+    """
+    after = outside_parameters(model)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    for name, module in language_linears(model).items():
+        target = sparsity[name] if isinstance(sparsity, dict) else sparsity
+        assert (module.weight == 0).float().mean().item() == pytest.approx(target, abs=tolerance), name
+
+
+@pytest.mark.parametrize("family", NEW_NAMES)
+@pytest.mark.parametrize("recipe", ["tamp", "das_sparsegpt", "tamp_2of4", "tamp_sparsegpt"])
+def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(tiny, tmp_path, family, recipe):
+    model, tokenizer, _ = tiny(family)
+    data = make_calibration_dataset(model, 4, seed=41)
+    before = outside_parameters(model)
+    run_oneshot(model, tokenizer, data, str(RECIPES / f"{recipe}.yaml"), output_dir=tmp_path / "o")
+    if recipe == "tamp_2of4":
+        assert_only_the_decoder_changed(model, before, 0.5)
+    else:  # DAS ratios; SparseGPT picks its mask over column blocks
+        das = load_report(tmp_path / "o")["das"]["layers"]
+        assert set(das) == set(language_linears(model))
+        assert_only_the_decoder_changed(model, before, {n: v["assigned"] for n, v in das.items()},
+                                        tolerance=0.01)
+    assert_reloads_equal(model, tmp_path / "o")
+    # The saved recipe reads as written: the run's extra ignore patterns are not in it.
+    saved = (tmp_path / "o" / "recipe.yaml").read_text()
+    assert "vision_model" not in saved and "connector" not in saved
+    assert yaml.safe_load(saved)
+
+
+def test_scope_targets_prunes_what_the_patterns_say_or_refuses_by_name(tiny):
+    model, tokenizer, _ = tiny("smolvlm")
+    data = make_calibration_dataset(model, 2, seed=42)
+    pruner = dict(sparsity=0.5, targets=["Linear"], ignore=list(TOWER_IGNORE), scope="targets")
+    with pytest.raises(ValueError, match=r"would score \d+ Linears outside.*model\.vision_model.*scope: text_decoder"):
+        run_oneshot(model, tokenizer, data, [DiversityAwareSparsity(scope="targets"),
+                                             AdaptiveInputActivation(**pruner)])
+    with pytest.raises(ValueError, match=r"would prune \d+ Linears outside.*model\.vision_model.*scope: text_decoder"):
+        run_oneshot(model, tokenizer, data, [AdaptiveInputActivation(**pruner)])
+    with pytest.raises(ValueError, match="same scope"):
+        run_oneshot(model, tokenizer, data, [DiversityAwareSparsity(), AdaptiveInputActivation(**pruner)])
+
+
+@pytest.mark.parametrize("family", NEW_NAMES)
+def test_tamp_prune_on_a_model_with_new_names(tiny, tmp_path, family):
+    model, _, folder = tiny(family, weights=True)
+    make_calibration_dataset(model, 3, seed=43).save_to_disk(tmp_path / "calib")
+    before = outside_parameters(model)
+    out = tmp_path / "pruned"
+    assert tamp_prune([str(folder), "--dataset", str(tmp_path / "calib"), "--output", str(out),
+                       "--num-samples", "3"]) == 0
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    das = load_report(out)["das"]["layers"]
+    assert_only_the_decoder_changed(reloaded, before, {n: v["assigned"] for n, v in das.items()})
+    assert load_report(out)["pattern"]["intact"]
