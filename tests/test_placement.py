@@ -15,6 +15,7 @@ import torch
 import yaml
 from compressed_tensors.utils import match_named_modules
 from conftest import RECIPES, assert_reloads_equal, run_oneshot
+from datasets import Dataset
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
 from tamp_modifier.models import TOWER_IGNORE, language_linears
@@ -128,3 +129,30 @@ def test_tamp_prune_on_a_model_with_new_names(tiny, tmp_path, family):
     das = load_report(out)["das"]["layers"]
     assert_only_the_decoder_changed(reloaded, before, {n: v["assigned"] for n, v in das.items()})
     assert load_report(out)["pattern"]["intact"]
+
+
+def test_tamp_prune_refuses_an_unplaceable_decoder_before_loading(tmp_path, monkeypatch):
+    """Mllama mixes self- and cross-attention layers in one list: no single decoder-layer class."""
+    from transformers import MllamaConfig
+
+    from tamp_modifier import cli
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=300, cross_attention_layers=[1], pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1,
+                  attention_heads=2, image_size=32, patch_size=8, vision_output_dim=64,
+                  intermediate_layers_indices=[0])
+    MllamaConfig(text_config=text, vision_config=vision).save_pretrained(tmp_path / "mllama")
+    Dataset.from_dict({"input_ids": [[[1, 5, 6]]]}).save_to_disk(tmp_path / "calib")
+    with pytest.raises(SystemExit) as stop:
+        tamp_prune([str(tmp_path / "mllama"), "--dataset", str(tmp_path / "calib"),
+                    "--output", str(tmp_path / "out")])
+    message = str(stop.value.code)
+    assert message.startswith("tamp-prune: cannot place the text decoder of MllamaForConditionalGeneration")
+    assert "--sequential-targets" in message and "ignore" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()

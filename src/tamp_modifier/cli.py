@@ -67,6 +67,32 @@ def check_recipe(recipe: Path, model_folder: str | None) -> None:
         raise SystemExit(f"tamp-prune: {problem}")
 
 
+def check_placement(model_folder: str) -> None:
+    """The text decoder placed from the model's structure, on an empty (meta-device) model
+    built from its config: a model whose decoder cannot be placed stops here, before its
+    weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from tamp_modifier.placement import find_text_decoder
+
+    config = AutoConfig.from_pretrained(model_folder)
+    skeleton = None
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):  # a text-only model: the second
+        try:
+            with torch.device("meta"):
+                skeleton = auto.from_config(config)
+            break
+        except Exception:  # noqa: BLE001  (a best-effort early check: any failure defers it)
+            continue
+    if skeleton is None:
+        return  # not buildable empty; the loaded model is placed (and refused) before calibrating
+    try:
+        find_text_decoder(skeleton)
+    except ValueError as error:
+        raise SystemExit(f"tamp-prune: {error}") from None
+
+
 def _load_model(folder: str):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -233,6 +259,8 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
     output = Path(args.output or DEMO_OUTPUT).resolve()
     recipe = resolve_recipe(args.recipe)
     check_recipe(recipe, args.model)  # before minutes of loading
+    if args.model is not None and not args.sequential_targets:
+        check_placement(args.model)
     output.parent.mkdir(parents=True, exist_ok=True)
 
     table = None

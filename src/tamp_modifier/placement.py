@@ -50,6 +50,9 @@ def find_text_decoder(model: torch.nn.Module) -> TextDecoder:
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is None:
         raise ValueError(_REFUSAL.format(cls=cls, why="it has no get_decoder() naming its text decoder"))
+    # Some return a whole causal LM (Llama 4: a Llama4ForCausalLM); its own decoder is the one.
+    while callable(getattr(decoder, "get_decoder", None)) and decoder.get_decoder() not in (None, decoder):
+        decoder = decoder.get_decoder()
     name = _name_of(model, decoder)
     if name is None:
         raise ValueError(_REFUSAL.format(cls=cls, why="get_decoder() returned a module outside the model"))
