@@ -96,10 +96,33 @@ def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(
         assert_only_the_decoder_changed(model, before, {n: v["assigned"] for n, v in das.items()},
                                         tolerance=0.01)
     assert_reloads_equal(model, tmp_path / "o")
-    # The saved recipe reads as written: the run's extra ignore patterns are not in it.
+    # The saved recipe spells out what was left dense, so re-running it gives the same model.
     saved = (tmp_path / "o" / "recipe.yaml").read_text()
-    assert "vision_model" not in saved and "connector" not in saved
+    assert "model\\.vision_model" in saved and "model\\.connector" in saved
     assert yaml.safe_load(saved)
+
+
+@pytest.mark.parametrize("family", NEW_NAMES)
+def test_quantization_after_pruning_also_leaves_the_tower_alone(tiny, tmp_path, family):
+    model, tokenizer, _ = tiny(family)
+    data = make_calibration_dataset(model, 3, seed=44)
+    before = outside_parameters(model)
+    out = tmp_path / "fp8"
+    run_oneshot(model, tokenizer, data, str(RECIPES / "tamp_2of4_fp8.yaml"), output_dir=out)
+    decoder = find_text_decoder(model)
+    quantized = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    assert quantized == set(language_linears(model))  # every decoder Linear, nothing else
+    outside = {n: p for n, p in model.named_parameters() if not decoder.contains(n)}
+    for name, value in before.items():
+        assert torch.equal(outside[name], value), name
+    from transformers import AutoModelForImageTextToText
+
+    batch = {k: torch.as_tensor(v) for k, v in data[0].items()}
+    with torch.no_grad():
+        expected = model(**batch).logits
+        reloaded = AutoModelForImageTextToText.from_pretrained(out, attn_implementation="eager")(**batch).logits
+    assert torch.isfinite(reloaded).all()
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
 
 
 def test_scope_targets_prunes_what_the_patterns_say_or_refuses_by_name(tiny):

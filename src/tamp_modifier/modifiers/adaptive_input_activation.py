@@ -28,7 +28,7 @@ from tamp_modifier.distributed import (
 from tamp_modifier.modality import resolve_modality_token_ids
 from tamp_modifier.modifiers.layer_statistics import RECONSTRUCTIONS, ChannelNorms, TokenHessians
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
-from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder, restore_ignore
+from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.report import attach_report
 from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
@@ -233,7 +233,6 @@ class AdaptiveInputActivation(SparsityModifierBase):
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
         self.remove_hooks()
-        restore_ignore(self)  # the saved recipe.yaml reads as written
         self._report(state.model)
         check_pattern_kept(self, state.model)
         self._labels = None

@@ -35,7 +35,6 @@ from tamp_modifier.modifiers.scope import (
     SCOPES,
     confine_to_text_decoder,
     modules_outside_decoder,
-    restore_ignore,
 )
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.placement import find_text_decoder
@@ -161,7 +160,7 @@ class DiversityAwareSparsity(Modifier):
             self._adopt_pruner_sparsity()
             self._check_scopes_agree()
             if self.scope == "text_decoder":
-                confine_to_text_decoder(self._pruner, model)
+                confine_to_text_decoder(self, model, pruner=self._pruner)
         elif self.sparsity is None:
             raise ValueError(
                 "DiversityAwareSparsity has no pruning modifier after it and no "
@@ -264,8 +263,6 @@ class DiversityAwareSparsity(Modifier):
             # The saved recipe.yaml should read as written, one global sparsity,
             # so that re-running it reproduces this run.
             self._pruner.sparsity = self._pruner_sparsity
-        if self._pruner is not None:
-            restore_ignore(self._pruner)
         check_pattern_kept(self, state.model)
         return True
 

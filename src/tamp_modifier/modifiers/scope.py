@@ -1,50 +1,61 @@
-"""``scope``: what our modifiers (and the pruner after DAS) may prune.
+"""``scope``: what our modifiers, the pruner after DAS and the quantizers after them may touch.
 
 ``text_decoder`` (the default) confines pruning to the Linears inside the text
 decoder's layers, found from the model's structure (``tamp_modifier.placement``),
-whatever the recipe's ``ignore`` patterns miss: the modifier's ``ignore`` is
-extended, for the run, with one pattern per subtree outside the decoder
-(towers, projectors, connectors, heads). The list as written is put back at
-finalize, so the saved ``recipe.yaml`` reads as the user wrote it. ``targets``
-prunes exactly what ``targets``/``ignore`` match, for whoever means to prune a
-tower; a module the modifiers cannot score there (outside every decoder layer)
-is then refused by name.
+whatever the recipe's ``ignore`` patterns miss: the ``ignore`` list of our
+modifier, of the pruner after DAS, and of every quantization step after them
+(``QuantizationModifier``, ``GPTQModifier``) is extended with one pattern per
+subtree outside the decoder (towers, projectors, connectors, heads), so those
+stay dense and unquantized as the shipped recipes mean them to. The patterns
+stay in the saved ``recipe.yaml``: it says what was left out, and re-running it
+gives the same model. ``targets`` prunes exactly what ``targets``/``ignore``
+match, for whoever means to prune a tower; a module the modifiers cannot score
+there (outside every decoder layer) is then refused by name.
 """
 
 from __future__ import annotations
 
 import torch
+from llmcompressor.core import active_session
 from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from loguru import logger
 
 from tamp_modifier.placement import TextDecoder, find_text_decoder, outside_decoder_patterns
 
-__all__ = ["SCOPES", "confine_to_text_decoder", "modules_outside_decoder", "restore_ignore"]
+__all__ = ["SCOPES", "confine_to_text_decoder", "modules_outside_decoder"]
 
 SCOPES = ("text_decoder", "targets")
 
 
-def confine_to_text_decoder(modifier: Modifier, model: torch.nn.Module) -> TextDecoder:
-    """Extend ``modifier.ignore`` by the subtrees outside the text decoder; remember the original."""
-    decoder = find_text_decoder(model)
+def _extend_ignore(modifier: Modifier, patterns: list[str]) -> list[str]:
+    """Add the patterns ``modifier.ignore`` lacks; return those added."""
     written = list(modifier.ignore or [])
-    added = [p for p in outside_decoder_patterns(model, decoder) if p not in written]
-    if getattr(modifier, "_tamp_ignore_as_written", None) is None:
-        modifier._tamp_ignore_as_written = written
-    modifier.ignore = [*written, *added]
+    added = [p for p in patterns if p not in written]
     if added:
-        roots = ", ".join(p[len("re:^"):-len("(\\..*)?$")].replace("\\", "") for p in added)
-        logger.info(f"{type(modifier).__name__}: pruning only the text decoder's layers ({decoder.layers}, "
-                    f"{decoder.num_layers} x {decoder.layer_class}); left dense: {roots}")
+        modifier.ignore = [*written, *added]
+    if isinstance(modifier, QuantizationMixin):
+        # Its config (targets, ignore) may have been resolved already, and is then
+        # what it applies: it must leave the same modules out.
+        config = modifier.resolved_config
+        config.ignore = [*(config.ignore or []), *(p for p in patterns if p not in (config.ignore or []))]
+    return added
+
+
+def confine_to_text_decoder(owner: Modifier, model: torch.nn.Module, pruner: Modifier | None = None,
+                            ) -> TextDecoder:
+    """Keep ``owner`` (or the ``pruner`` it hands ratios to) and every quantizer after it in the
+    recipe inside the text decoder's layers."""
+    decoder = find_text_decoder(model)
+    patterns = outside_decoder_patterns(model, decoder)
+    roots = ", ".join(p[len("re:^"):-len("(\\..*)?$")].replace("\\", "") for p in patterns)
+    modifiers = list(active_session().lifecycle.recipe.modifiers or [])
+    after = modifiers[modifiers.index(owner) + 1:] if owner in modifiers else []
+    for step in [pruner or owner, *(m for m in after if isinstance(m, QuantizationMixin))]:
+        if _extend_ignore(step, patterns):
+            logger.info(f"{type(step).__name__}: only the text decoder's layers ({decoder.layers}, "
+                        f"{decoder.num_layers} x {decoder.layer_class}); left as they are: {roots}")
     return decoder
-
-
-def restore_ignore(modifier: Modifier) -> None:
-    """Put back the ``ignore`` list as written (for the saved recipe)."""
-    written = getattr(modifier, "_tamp_ignore_as_written", None)
-    if written is not None:
-        modifier.ignore = written
-        modifier._tamp_ignore_as_written = None
 
 
 def modules_outside_decoder(model: torch.nn.Module, names) -> list[str]:
