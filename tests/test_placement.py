@@ -47,6 +47,37 @@ def test_the_decoder_is_found_and_the_patterns_leave_exactly_its_layers(tiny, fa
     assert kept == inside == set(language_linears(model))
 
 
+# Families not yet run end to end: placement on an empty (meta-device) model of the default config.
+DEFAULT_CONFIG_DECODERS = {
+    "gemma3": ("model.language_model.layers", "Gemma3DecoderLayer", ["model.vision_tower", "lm_head"]),
+    "mistral3": ("model.language_model.layers", "MistralDecoderLayer",
+                 ["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
+    "internvl": ("model.language_model.layers", "Qwen2DecoderLayer",
+                 ["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
+    "llava_onevision": ("model.language_model.layers", "Qwen2DecoderLayer",
+                        ["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
+    "qwen3_vl": ("model.language_model.layers", "Qwen3VLTextDecoderLayer", ["model.visual", "lm_head"]),
+    "idefics2": ("model.text_model.layers", "MistralDecoderLayer",
+                 ["model.vision_model", "model.connector", "lm_head"]),
+    # get_decoder() returns a whole Llama4ForCausalLM: its inner text model is the decoder.
+    "llama4": ("language_model.model.layers", "Llama4TextDecoderLayer",
+               ["vision_model", "multi_modal_projector", "language_model.lm_head"]),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DEFAULT_CONFIG_DECODERS))
+def test_placement_on_empty_models_of_more_families(model_type):
+    from transformers import CONFIG_MAPPING, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(CONFIG_MAPPING[model_type]())
+    layers, layer_class, outside = DEFAULT_CONFIG_DECODERS[model_type]
+    decoder = find_text_decoder(model)
+    assert (decoder.layers, decoder.layer_class) == (layers, layer_class)
+    roots = [p[len("re:^"):-len("(\\..*)?$")].replace("\\", "") for p in outside_decoder_patterns(model)]
+    assert roots == outside
+
+
 def test_a_model_without_a_placeable_decoder_is_refused_with_the_way_out():
     class TwoStacks(torch.nn.Module):
         def __init__(self):

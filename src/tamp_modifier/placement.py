@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
 __all__ = ["TextDecoder", "find_text_decoder", "outside_decoder_patterns"]
 
@@ -39,6 +40,12 @@ class TextDecoder:
         return module_name.startswith(self.layers + ".")
 
 
+def _block_lists(decoder: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The decoder's direct children that are non-empty lists of blocks of one class."""
+    return [(n, m) for n, m in decoder.named_children()
+            if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+
+
 def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is module), None)
 
@@ -50,14 +57,17 @@ def find_text_decoder(model: torch.nn.Module) -> TextDecoder:
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is None:
         raise ValueError(_REFUSAL.format(cls=cls, why="it has no get_decoder() naming its text decoder"))
-    # Some return a whole causal LM (Llama 4: a Llama4ForCausalLM); its own decoder is the one.
-    while callable(getattr(decoder, "get_decoder", None)) and decoder.get_decoder() not in (None, decoder):
-        decoder = decoder.get_decoder()
+    lists = _block_lists(decoder)
+    # Some return a whole causal LM (Llama 4: a Llama4ForCausalLM holding a Llama4TextModel):
+    # the decoder is then the one transformers model inside it.
+    while not lists:
+        inner = [m for _, m in decoder.named_children() if isinstance(m, PreTrainedModel)]
+        if len(inner) != 1:
+            break
+        decoder, lists = inner[0], _block_lists(inner[0])
     name = _name_of(model, decoder)
     if name is None:
         raise ValueError(_REFUSAL.format(cls=cls, why="get_decoder() returned a module outside the model"))
-    lists = [(n, m) for n, m in decoder.named_children()
-             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
     if len(lists) != 1:
         found = ", ".join(n for n, _ in lists) or "none"
         raise ValueError(_REFUSAL.format(
