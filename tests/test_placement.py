@@ -30,8 +30,16 @@ DECODERS = {  # family: (decoder module, its layers, the layer class), as transf
     "qwen2_5_vl": ("model.language_model", "model.language_model.layers", "Qwen2_5_VLDecoderLayer"),
     "smolvlm": ("model.text_model", "model.text_model.layers", "LlamaDecoderLayer"),
     "idefics3": ("model.text_model", "model.text_model.layers", "LlamaDecoderLayer"),
+    "gemma3": ("model.language_model", "model.language_model.layers", "Gemma3DecoderLayer"),
+    "qwen3_vl": ("model.language_model", "model.language_model.layers", "Qwen3VLTextDecoderLayer"),
+    "internvl": ("model.language_model", "model.language_model.layers", "Qwen2DecoderLayer"),
+    "mistral3": ("model.language_model", "model.language_model.layers", "MistralDecoderLayer"),
+    "llava_onevision": ("model.language_model", "model.language_model.layers", "Qwen2DecoderLayer"),
 }
-NEW_NAMES = ("smolvlm", "idefics3")  # tower and projector under names no shipped pattern has
+# Beyond the first four: SmolVLM and Idefics3 keep tower and projector under names no shipped
+# pattern has (model.vision_model, model.connector); the others under known names, with towers
+# (SigLIP, InternViT, Pixtral, Qwen3-VL's) and text models (Gemma 3, Qwen2, Mistral) of their own.
+NEW_NAMES = ("smolvlm", "idefics3", "gemma3", "qwen3_vl", "internvl", "mistral3", "llava_onevision")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,9 +135,15 @@ def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(
         assert_only_the_decoder_changed(model, before, {n: v["assigned"] for n, v in das.items()},
                                         tolerance=0.01)
     assert_reloads_equal(model, tmp_path / "o")
+    amia = load_report(tmp_path / "o").get("amia")
+    if amia:  # AMIA read every block's attention and labelled the image tokens as such
+        image_id = model.config.image_token_id
+        images = sum(int((row["input_ids"] == image_id).sum()) for row in data)
+        assert images > 0 and all(v["tokens"]["image"] == images for v in amia["layers"].values())
     # The saved recipe spells out what was left dense, so re-running it gives the same model.
     saved = (tmp_path / "o" / "recipe.yaml").read_text()
-    assert "model\\.vision_model" in saved and "model\\.connector" in saved
+    if family in ("smolvlm", "idefics3"):
+        assert "model\\.vision_model" in saved and "model\\.connector" in saved
     assert yaml.safe_load(saved)
 
 

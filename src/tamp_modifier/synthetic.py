@@ -70,7 +70,8 @@ __all__ = [
     "language_model_num_params",
 ]
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "smolvlm", "idefics3")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "smolvlm", "idefics3", "gemma3", "qwen3_vl",
+            "internvl", "mistral3", "llava_onevision")
 
 PAD_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
@@ -91,6 +92,11 @@ _ARCH_TO_FAMILY = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "SmolVLMForConditionalGeneration": "smolvlm",
     "Idefics3ForConditionalGeneration": "idefics3",
+    "Gemma3ForConditionalGeneration": "gemma3",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "InternVLForConditionalGeneration": "internvl",
+    "Mistral3ForConditionalGeneration": "mistral3",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
 }
 
 
@@ -207,6 +213,9 @@ def _build_config(
             image_token_id=ids["image"], scale_factor=2, tie_word_embeddings=False,
         )
     head_dim = hidden_size // num_heads
+    if family in _MORE_FAMILIES:
+        return _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers,
+                                   image_size or 32, patch_size)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
     common = dict(
         text_config=dict(text, rope_parameters=rope),
@@ -246,6 +255,56 @@ def _build_config(
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
+# Families built with transformers' own config classes (CONFIG_MAPPING) and loaded
+# through AutoModelForImageTextToText: each tower, projector and text model under
+# the family's own names.
+_MORE_FAMILIES = ("gemma3", "qwen3_vl", "internvl", "mistral3", "llava_onevision")
+
+
+def _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers, image_size, patch_size):
+    from transformers import CONFIG_MAPPING
+
+    text = dict(text, head_dim=head_dim)
+    heads = max(1, vision_hidden_size // 16)
+    vision = dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                  num_hidden_layers=vision_layers, num_attention_heads=heads)
+    common = dict(tie_word_embeddings=False)
+    if family == "gemma3":  # SigLIP tower; 16 tokens per image after its pooling
+        return CONFIG_MAPPING["gemma3"](
+            text_config=dict(text, sliding_window=8), vision_config=dict(vision, image_size=image_size,
+                                                                          patch_size=patch_size),
+            mm_tokens_per_image=16, image_token_index=ids["image"], boi_token_index=ids["vision_start"],
+            eoi_token_index=ids["vision_end"], **common)
+    if family == "qwen3_vl":  # like Qwen2.5-VL, with DeepStack features into the first text layer
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim),
+                "mrope_interleaved": True}
+        return CONFIG_MAPPING["qwen3_vl"](
+            text_config=dict(text, rope_parameters=rope),
+            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden_size,
+                               intermediate_size=2 * vision_hidden_size, num_heads=heads,
+                               out_hidden_size=text["hidden_size"], patch_size=patch_size, spatial_merge_size=2,
+                               temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
+            vision_end_token_id=ids["vision_end"], **common)
+    if family == "internvl":  # InternViT tower, pixel-shuffle projector, Qwen2 text model
+        return CONFIG_MAPPING["internvl"](
+            text_config=dict(text, model_type="qwen2"),
+            vision_config=dict(vision, image_size=[image_size, image_size], patch_size=[patch_size, patch_size]),
+            image_token_id=ids["image"], downsample_ratio=0.5, vision_feature_layer=-1, **common)
+    if family == "mistral3":  # Pixtral tower, patch merger, Mistral text model
+        return CONFIG_MAPPING["mistral3"](
+            text_config=dict(text, model_type="mistral"),
+            vision_config=dict(vision, model_type="pixtral", image_size=image_size, patch_size=patch_size,
+                               head_dim=vision_hidden_size // heads),
+            image_token_index=ids["image"], spatial_merge_size=2, vision_feature_layer=-1, **common)
+    # llava_onevision: SigLIP tower, anyres tiles, Qwen2 text model
+    return CONFIG_MAPPING["llava_onevision"](
+        text_config=dict(text, model_type="qwen2"),
+        vision_config=dict(vision, model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size),
+        image_token_index=ids["image"], video_token_index=ids["video"], image_grid_pinpoints=[[image_size, image_size]],
+        vision_feature_layer=-1, **common)
+
+
 _MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
@@ -257,9 +316,12 @@ _MODEL_CLASSES = {
 
 
 def _instantiate(family, config, *, seed, dtype, attn_implementation):
+    from transformers import AutoModelForImageTextToText
+
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = _MODEL_CLASSES[family](config)
+    model = (AutoModelForImageTextToText.from_config(config) if family in _MORE_FAMILIES
+             else _MODEL_CLASSES[family](config))
     # The constructor does not always propagate the choice to sub-configs.
     model.set_attn_implementation(attn_implementation)
     model.to(dtype)
@@ -532,6 +594,17 @@ def _image_inputs(model, family, rng: np.random.Generator) -> tuple[dict[str, np
         # The connector's pixel shuffle merges scale_factor^2 patches into one token.
         n = (s // vcfg.patch_size) ** 2 // model.config.scale_factor**2
         return {"pixel_values": pix, "pixel_attention_mask": mask}, n
+    if family in ("gemma3", "internvl", "mistral3"):
+        s = vcfg.image_size[0] if isinstance(vcfg.image_size, (list, tuple)) else vcfg.image_size
+        pix = {"pixel_values": rng.standard_normal((1, 3, s, s), dtype=np.float32)}
+        if family == "mistral3":
+            pix["image_sizes"] = np.array([[s, s]], dtype=np.int64)
+        return pix, _num_image_tokens(model, pix)
+    if family == "llava_onevision":
+        s = vcfg.image_size
+        pix = {"pixel_values": rng.standard_normal((1, 2, 3, s, s), dtype=np.float32),
+               "image_sizes": np.array([[s, s]], dtype=np.int64)}
+        return pix, _num_image_tokens(model, pix)
     if family == "llava_next":
         s = vcfg.image_size
         # anyres picks the [s, s] pinpoint for an s x s image: base + one tile.
@@ -543,6 +616,21 @@ def _image_inputs(model, family, rng: np.random.Generator) -> tuple[dict[str, np
     pix = rng.standard_normal((t * hw * hw, vcfg.in_channels * tp * p * p), dtype=np.float32)
     grid = np.array([[t, hw, hw]], dtype=np.int64)
     return {"pixel_values": pix, "image_grid_thw": grid}, t * hw * hw // (m * m)
+
+
+def _num_image_tokens(model, pixel_inputs: dict[str, np.ndarray]) -> int:
+    """Image features the model makes from these inputs: its placeholder count (asked once per shape)."""
+    key = tuple((k, v.shape) for k, v in sorted(pixel_inputs.items()))
+    cache = model.__dict__.setdefault("_synthetic_num_image_tokens_by_shape", {})
+    if key not in cache:
+        inputs = {k: torch.as_tensor(v) for k, v in pixel_inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            out = model.model.get_image_features(**inputs)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        feats = list(feats) if isinstance(feats, (list, tuple)) else [feats.reshape(-1, feats.shape[-1])]
+        cache[key] = int(sum(f.reshape(-1, f.shape[-1]).shape[0] for f in feats))
+    return cache[key]
 
 
 def _llava_next_num_tokens(model, s: int) -> int:
