@@ -120,7 +120,7 @@ def assert_only_the_decoder_changed(model, before, sparsity, tolerance=1e-9):
         assert (module.weight == 0).float().mean().item() == pytest.approx(target, abs=tolerance), name
 
 
-@pytest.mark.parametrize("family", NEW_NAMES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("recipe", ["tamp", "das_sparsegpt", "tamp_2of4", "tamp_sparsegpt"])
 def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(tiny, tmp_path, family, recipe):
     model, tokenizer, _ = tiny(family)
