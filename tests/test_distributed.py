@@ -76,6 +76,7 @@ def run(config: str, model, tokenizer, data, output_dir=None) -> dict:
         "das_tokens": report["das"]["tokens"],
         "amia": {n: (v["selected"], v["tokens"]) for n, v in report["amia"]["layers"].items()},
         "samples": {n: v.get("samples") for n, v in report["amia"]["layers"].items()},
+        "losses": {n: v.get("loss") for n, v in report["amia"]["layers"].items()},
         "ranks": (report["das"]["ranks"], report["amia"]["ranks"]),
         "norms": norms,
     }
@@ -184,6 +185,10 @@ def test_sparsegpt_reconstruction_is_data_parallel(runs):
     for result in ranks:
         got = result[SPARSEGPT]
         assert got["samples"] == ref["samples"] and set(ref["samples"].values()) == {NUM_SAMPLES}
+        # Every layer's SparseGPT loss in every rank's report: the owner's, the same on all ranks.
+        assert got["losses"] == ranks[0][SPARSEGPT]["losses"] and None not in got["losses"].values()
+        for name, loss in ref["losses"].items():
+            assert got["losses"][name] == pytest.approx(loss, rel=1e-3, abs=1e-9), name
         assert got["amia"] == ref["amia"]
         for name, weight in ref["weights"].items():
             # Every rank writes the owner's weight: the ranks agree bit for bit.

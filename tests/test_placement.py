@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from compressed_tensors.utils import match_named_modules
 from conftest import RECIPES, assert_reloads_equal, run_oneshot
 from datasets import Dataset
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
 from tamp_modifier.models import TOWER_IGNORE, language_linears
-from tamp_modifier.placement import find_text_decoder, outside_decoder_patterns
-from tamp_modifier.synthetic import FAMILIES, make_calibration_dataset
+from tamp_modifier.placement import find_text_decoder, outside_decoder_patterns, outside_decoder_roots
+from tamp_modifier.synthetic import FAMILIES, family_of, make_calibration_dataset
 from tamp_prune import main as tamp_prune
 
 DECODERS = {  # family: (decoder module, its layers, the layer class), as transformers 5.17 builds them
@@ -48,14 +47,13 @@ def test_the_decoder_is_found_and_the_patterns_leave_exactly_its_layers(tiny, fa
     decoder = find_text_decoder(model)
     assert (decoder.name, decoder.layers, decoder.layer_class) == DECODERS[family]
     assert decoder.num_layers == model.config.get_text_config().num_hidden_layers
-    inside = {n for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.startswith(decoder.layers + ".")}
+    inside = set(expected_linears(model))  # from the table above, not from the placement
     assert len(inside) == 7 * decoder.num_layers  # q k v o gate up down per layer
     kept = {n for n, m in match_named_modules(model, ["Linear"], outside_decoder_patterns(model))}
     assert kept == inside == set(language_linears(model))
 
 
-# Families not yet run end to end: placement on an empty (meta-device) model of the default config.
+# More families, on an empty (meta-device) model of their default config: placement only.
 DEFAULT_CONFIG_DECODERS = {
     "gemma3": ("model.language_model.layers", "Gemma3DecoderLayer", ["model.vision_tower", "lm_head"]),
     "mistral3": ("model.language_model.layers", "MistralDecoderLayer",
@@ -82,8 +80,7 @@ def test_placement_on_empty_models_of_more_families(model_type):
     layers, layer_class, outside = DEFAULT_CONFIG_DECODERS[model_type]
     decoder = find_text_decoder(model)
     assert (decoder.layers, decoder.layer_class) == (layers, layer_class)
-    roots = [p[len("re:^"):-len("(\\..*)?$")].replace("\\", "") for p in outside_decoder_patterns(model)]
-    assert roots == outside
+    assert outside_decoder_roots(model) == outside
 
 
 def test_a_model_without_a_placeable_decoder_is_refused_with_the_way_out():
@@ -101,9 +98,18 @@ def test_a_model_without_a_placeable_decoder_is_refused_with_the_way_out():
             find_text_decoder(model)
 
 
+def layers_prefix(model) -> str:
+    return DECODERS[family_of(model)][1] + "."
+
+
+def expected_linears(model) -> dict[str, torch.nn.Linear]:
+    """The decoder layers' Linears, by the table's prefix (independent of the placement code)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith(layers_prefix(model))}
+
+
 def outside_parameters(model):
-    decoder = find_text_decoder(model)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not decoder.contains(n)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(layers_prefix(model))}
 
 
 def assert_only_the_decoder_changed(model, before, sparsity, tolerance=1e-9):
@@ -115,7 +121,7 @@ def assert_only_the_decoder_changed(model, before, sparsity, tolerance=1e-9):
     assert after.keys() == before.keys()
     for name, value in before.items():
         assert torch.equal(after[name], value), name
-    for name, module in language_linears(model).items():
+    for name, module in expected_linears(model).items():
         target = sparsity[name] if isinstance(sparsity, dict) else sparsity
         assert (module.weight == 0).float().mean().item() == pytest.approx(target, abs=tolerance), name
 
@@ -131,7 +137,7 @@ def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(
         assert_only_the_decoder_changed(model, before, 0.5)
     else:  # DAS ratios; SparseGPT picks its mask over column blocks
         das = load_report(tmp_path / "o")["das"]["layers"]
-        assert set(das) == set(language_linears(model))
+        assert set(das) == set(expected_linears(model))
         assert_only_the_decoder_changed(model, before, {n: v["assigned"] for n, v in das.items()},
                                         tolerance=0.01)
     assert_reloads_equal(model, tmp_path / "o")
@@ -140,11 +146,22 @@ def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(
         image_id = model.config.image_token_id
         images = sum(int((row["input_ids"] == image_id).sum()) for row in data)
         assert images > 0 and all(v["tokens"]["image"] == images for v in amia["layers"].values())
-    # The saved recipe spells out what was left dense, so re-running it gives the same model.
+    # The saved recipe spells out what was left dense.
     saved = (tmp_path / "o" / "recipe.yaml").read_text()
     if family in ("smolvlm", "idefics3"):
         assert "model\\.vision_model" in saved and "model\\.connector" in saved
-    assert yaml.safe_load(saved)
+
+
+def test_the_saved_recipe_reruns_to_the_same_model(tiny, tmp_path):
+    weights = []
+    for recipe in (RECIPES / "tamp_2of4_fp8.yaml", tmp_path / "first" / "recipe.yaml"):
+        model, tokenizer, _ = tiny("smolvlm", seed=7)
+        data = make_calibration_dataset(model, 3, seed=45)
+        run_oneshot(model, tokenizer, data, str(recipe), output_dir=tmp_path / ("first" if not weights else "again"))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
 
 
 @pytest.mark.parametrize("family", NEW_NAMES)
@@ -154,10 +171,9 @@ def test_quantization_after_pruning_also_leaves_the_tower_alone(tiny, tmp_path, 
     before = outside_parameters(model)
     out = tmp_path / "fp8"
     run_oneshot(model, tokenizer, data, str(RECIPES / "tamp_2of4_fp8.yaml"), output_dir=out)
-    decoder = find_text_decoder(model)
     quantized = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
-    assert quantized == set(language_linears(model))  # every decoder Linear, nothing else
-    outside = {n: p for n, p in model.named_parameters() if not decoder.contains(n)}
+    assert quantized == set(expected_linears(model))  # every decoder Linear, nothing else
+    outside = {n: p for n, p in model.named_parameters() if not n.startswith(layers_prefix(model))}
     for name, value in before.items():
         assert torch.equal(outside[name], value), name
     from transformers import AutoModelForImageTextToText

@@ -45,6 +45,7 @@ __all__ = [
     "is_distributed",
     "rank",
     "rank_share",
+    "reduce_to_rank",
     "share_bounds",
     "shares_offload",
     "sum_across_ranks",
@@ -131,6 +132,20 @@ def sum_across_ranks(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out.append(part.to(device=t.device, dtype=t.dtype))
         start += t.numel()
     return out
+
+
+def reduce_to_rank(tensor: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """The element-wise sum of every rank's ``tensor`` on rank ``dst`` (None elsewhere).
+
+    For large statistics only one rank needs (a Hessian its owner prunes with): no
+    rank holds more than its own copy and the sum, unlike ``sum_across_ranks``.
+    Returned on ``tensor``'s device and in its dtype.
+    """
+    if not is_distributed():
+        return tensor
+    buffer = tensor.detach().to(device=comm_device()).contiguous()
+    dist.reduce(buffer, dst=dst, op=dist.ReduceOp.SUM)
+    return buffer.to(device=tensor.device) if rank() == dst else None
 
 
 def any_rank(flag: bool) -> bool:

@@ -35,6 +35,16 @@ def text_decoder_layer_class(model: torch.nn.Module) -> str:
 
 
 def language_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The Linears the shipped recipes prune: those inside the text decoder's layers."""
-    decoder = find_text_decoder(model)
+    """The Linears the shipped recipes prune: those inside the text decoder's layers.
+
+    For a model whose decoder cannot be placed (run with ``scope: targets``, or a plain
+    stack of Linears), every Linear the name patterns ``TOWER_IGNORE`` leave.
+    """
+    try:
+        decoder = find_text_decoder(model)
+    except ValueError:
+        from compressed_tensors.utils import match_named_modules
+
+        return {n: m for n, m in match_named_modules(model, ["Linear"], TOWER_IGNORE)
+                if isinstance(m, torch.nn.Linear)}
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and decoder.contains(n)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["TextDecoder", "find_text_decoder", "outside_decoder_patterns"]
+__all__ = ["TextDecoder", "find_text_decoder", "outside_decoder_patterns", "outside_decoder_roots"]
 
 _REFUSAL = (
     "cannot place the text decoder of {cls}: {why}. Name its decoder layer class with "
@@ -78,14 +78,9 @@ def find_text_decoder(model: torch.nn.Module) -> TextDecoder:
                        layer_class=type(layers[0]).__name__, num_layers=len(layers))
 
 
-def outside_decoder_patterns(model: torch.nn.Module, decoder: TextDecoder | None = None) -> list[str]:
-    """``ignore`` patterns covering every Linear outside the decoder layers, by subtree.
-
-    Each pattern names the largest submodule that holds such Linears and no
-    decoder layer (``model.vision_model``, ``model.connector``, ``lm_head``), as
-    an anchored ``re:`` pattern that also matches llm-compressor's ``name.``
-    form of a module name.
-    """
+def outside_decoder_roots(model: torch.nn.Module, decoder: TextDecoder | None = None) -> list[str]:
+    """The largest submodules that hold Linears and no decoder layer (``model.vision_model``,
+    ``model.connector``, ``lm_head``): everything outside the decoder layers, by subtree."""
     decoder = decoder or find_text_decoder(model)
     layers = decoder.layers
     roots: list[str] = []
@@ -100,4 +95,10 @@ def outside_decoder_patterns(model: torch.nn.Module, decoder: TextDecoder | None
                 break
         if prefix not in roots:
             roots.append(prefix)
-    return [f"re:^{re.escape(root)}(\\..*)?$" for root in roots]
+    return roots
+
+
+def outside_decoder_patterns(model: torch.nn.Module, decoder: TextDecoder | None = None) -> list[str]:
+    """``ignore`` patterns for ``outside_decoder_roots``: anchored ``re:`` patterns that also
+    match llm-compressor's ``name.`` form of a module name."""
+    return [f"re:^{re.escape(root)}(\\..*)?$" for root in outside_decoder_roots(model, decoder)]

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from tamp_modifier.models import TOWER_IGNORE, language_linears
+from tamp_modifier.models import language_linears
 from tamp_modifier.sparsity_pattern import nm_share
 
 __all__ = [
@@ -265,24 +265,12 @@ def _as_list(patterns) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns or [])
 
 
-def _language_linears(model) -> dict[str, torch.nn.Linear]:
-    """The text decoder's Linears; for a model with no placeable decoder (a plain stack
-    of Linears), every Linear the tower patterns leave."""
-    from compressed_tensors.utils import match_named_modules
-
-    try:
-        return language_linears(model)
-    except ValueError:
-        return {n: m for n, m in match_named_modules(model, ["Linear"], TOWER_IGNORE)
-                if isinstance(m, torch.nn.Linear)}
-
-
 def _candidates(model, targets, ignore) -> tuple[dict[str, torch.nn.Linear], bool]:
     """The Linears to consider, and whether the user named them (then every one must convert)."""
     from compressed_tensors.utils import match_named_modules
 
     if targets is None:
-        language = _language_linears(model)
+        language = language_linears(model)
         matched = match_named_modules(model, ["Linear"], _as_list(ignore))
         return {n: m for n, m in matched if n in language}, False
     targets = _as_list(targets)
@@ -377,7 +365,7 @@ def plan(
             "pruned but not quantized, or serve the quantized one with vLLM's dense kernels."
         )
     min_shape = shape_constraint(backend, dtype)
-    language = _language_linears(model)
+    language = language_linears(model)
     report = ConversionReport(
         backend=backend,
         dtype=str(dtype).removeprefix("torch."),

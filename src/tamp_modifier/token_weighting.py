@@ -42,15 +42,15 @@ def weighted_rows(inputs: torch.Tensor, chosen: torch.Tensor, weighting: str, se
                   ) -> torch.Tensor:
     """The rows ``sqrt(w_t) * x_t`` with ``w_t > 0``, from ``inputs`` ``[tokens, columns]``.
 
-    ``selected`` returns the chosen rows themselves (no multiplication, so a sum
-    over them is bitwise the sum over those tokens).
+    ``selected`` returns the chosen rows themselves, and ``upweighted`` with weight 1
+    the inputs themselves (no multiplication: a sum over them is bitwise the plain sum).
     """
+    one_of("token_weighting", weighting, TOKEN_WEIGHTINGS)
     if weighting == "selected":
-        one_of("token_weighting", weighting, TOKEN_WEIGHTINGS)
         return inputs[chosen]
-    weights = token_weights(inputs.shape[0], chosen, weighting, selected_weight)
     if selected_weight == 1.0:
         return inputs  # every token, unscaled: bitwise llm-compressor's input
+    weights = token_weights(inputs.shape[0], chosen, weighting, selected_weight)
     # At least float32: a bfloat16 product would round every scaled input.
     wide = inputs.to(torch.promote_types(inputs.dtype, torch.float32))
     return wide * weights.sqrt().unsqueeze(1)

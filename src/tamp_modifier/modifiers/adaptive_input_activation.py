@@ -17,6 +17,7 @@ from tamp_modifier.distributed import (
     any_rank,
     assign_to_ranks,
     barrier,
+    broadcast_object,
     broadcast_tensor,
     is_distributed,
     rank,
@@ -294,10 +295,10 @@ class AdaptiveInputActivation(SparsityModifierBase):
             chosen = self._choose(module, out, attention, lab, b, real)
             x = inputs[b, real] if padded else inputs[b]
             rows = weighted_rows(x, chosen, self.token_weighting, self.selected_weight)
-            weight = (len(chosen) if self.token_weighting == "selected"
-                      else len(real) + (self.selected_weight - 1) * len(chosen))
+            token_weight = (len(chosen) if self.token_weighting == "selected"  # sum_t w_t
+                            else len(real) + (self.selected_weight - 1) * len(chosen))
             picked = time.perf_counter()
-            self._statistic.add(module, rows, weight)
+            self._statistic.add(module, rows, token_weight)
             self._seconds["statistics"] += time.perf_counter() - picked
             if padded:
                 chosen = real[chosen]
@@ -329,11 +330,11 @@ class AdaptiveInputActivation(SparsityModifierBase):
     def compress_modules(self):
         start = time.perf_counter()
         modules = self._calibrated_modules()
-        self._reduce_across_ranks(modules)
         # Under torchrun each mask is computed once, by the rank that owns its
         # module (GPTQ's bin packing by size), all ranks at once, then broadcast.
         # In one process a mask is made just before use: one mask in memory.
         owner = assign_to_ranks(modules, [m.weight.numel() for m in modules])
+        self._reduce_across_ranks(modules, owner)
         results = ({m: self._result(m) for m in modules if owner[m] == rank()} if is_distributed() else {})
         for module in modules:
             name = self._module_names[module].rstrip(".")
@@ -346,6 +347,8 @@ class AdaptiveInputActivation(SparsityModifierBase):
                                           src=owner[module], device=module.weight.device)
                 self._write(module, result, owner[module])
             kept = self._statistic.drop(module)
+            if is_distributed() and isinstance(self._statistic, TokenHessians):
+                kept = broadcast_object(kept, src=owner[module])  # the owner's loss, in every rank's report
             selected, seen = self._selected.pop(module).tolist(), self._seen.pop(module).tolist()
             self._layers_report[name] = {
                 "sparsity": None if self._prune_n else float(sparsity),
@@ -366,8 +369,8 @@ class AdaptiveInputActivation(SparsityModifierBase):
         names = union_across_ranks([self._module_names[m] for m in self._selected])
         return [by_name[n] for n in names]
 
-    def _reduce_across_ranks(self, modules: list[torch.nn.Module]) -> None:
-        """Sum each module's statistic and token counts over the ranks."""
+    def _reduce_across_ranks(self, modules: list[torch.nn.Module], owner: dict) -> None:
+        """Sum each module's statistic (onto its owner, or everywhere) and token counts over the ranks."""
         if not is_distributed():
             return
         m = len(self._modalities)
@@ -376,11 +379,9 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 self._statistic.empty(module)
                 self._selected[module] = torch.zeros(m, dtype=torch.long)
                 self._seen[module] = torch.zeros(m, dtype=torch.long)
-        states = [self._statistic.state(module) for module in modules]
+        self._statistic.reduce_across_ranks(modules, owner)
         counts = [d[module] for d in (self._selected, self._seen) for module in modules]
-        reduced = iter(sum_across_ranks([t for state in states for t in state] + counts))
-        for module, state in zip(modules, states):
-            self._statistic.load(module, [next(reduced) for _ in state])
+        reduced = iter(sum_across_ranks(counts))
         for d in (self._selected, self._seen):
             for module in modules:
                 d[module] = next(reduced)

@@ -11,9 +11,11 @@ Two rules, chosen by ``AdaptiveInputActivation.reconstruction``:
   kept weights change too.
 
 Both take, per sample, the rows ``sqrt(w_t) x_t`` that ``token_weighting`` gives.
-Under torchrun each statistic travels as tensors summed over the ranks; the
-rank that owns a module computes its result, which is then broadcast (a mask
-for Wanda, the whole weight for SparseGPT).
+Under torchrun the rank that owns a module computes its result, which is then
+broadcast (a mask for Wanda, the whole weight for SparseGPT): the channel norms
+(small) are summed onto every rank, bitwise alike; each Hessian (columns^2) is
+summed onto its owner only, as llm-compressor's GPTQ does, so no rank holds more
+than its own Hessians and the sums it owns.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
 )
 
 from tamp_modifier.activation_pruning import prune_mask
+from tamp_modifier.distributed import rank, reduce_to_rank, sum_across_ranks
 
 __all__ = ["RECONSTRUCTIONS", "ChannelNorms", "TokenHessians"]
 
@@ -38,12 +41,12 @@ class ChannelNorms:
         self.sq_sums: dict[torch.nn.Module, torch.Tensor] = {}
         self.totals: dict[torch.nn.Module, torch.Tensor] = {}
 
-    def add(self, module: torch.nn.Module, rows: torch.Tensor, weight: float) -> None:
-        """Add one sample's weighted rows ``[tokens, columns]`` of total token weight ``weight``."""
+    def add(self, module: torch.nn.Module, rows: torch.Tensor, token_weight: float) -> None:
+        """Add one sample's weighted rows ``[tokens, columns]``; ``token_weight`` is ``sum_t w_t``."""
         if module not in self.sq_sums:
             self.empty(module, rows.device)
         self.sq_sums[module] += rows.double().square().sum(0)
-        self.totals[module] += weight
+        self.totals[module] += token_weight
 
     def empty(self, module: torch.nn.Module, device: torch.device | str = "cpu") -> None:
         # float64: a float32 value squares exactly, and the sums over samples then
@@ -52,12 +55,11 @@ class ChannelNorms:
         self.sq_sums[module] = torch.zeros(module.weight.shape[1], dtype=torch.float64, device=device)
         self.totals[module] = torch.zeros((), dtype=torch.float64)
 
-    def state(self, module: torch.nn.Module) -> list[torch.Tensor]:
-        """The tensors whose sums over ranks are the whole statistic."""
-        return [self.sq_sums[module], self.totals[module]]
-
-    def load(self, module: torch.nn.Module, summed: list[torch.Tensor]) -> None:
-        self.sq_sums[module], self.totals[module] = summed
+    def reduce_across_ranks(self, modules: list[torch.nn.Module], owner: dict) -> None:
+        """Every rank gets the sums over all ranks (one collective pair for all modules)."""
+        summed = iter(sum_across_ranks([t for m in modules for t in (self.sq_sums[m], self.totals[m])]))
+        for m in modules:
+            self.sq_sums[m], self.totals[m] = next(summed), next(summed)
 
     def result(self, module: torch.nn.Module, sparsity: float, prune_n: int, prune_m: int) -> torch.Tensor:
         """Wanda's mask (True = prune) from the weighted channel norms."""
@@ -89,8 +91,9 @@ class TokenHessians:
         self.samples: dict[torch.nn.Module, int] = {}
         self.losses: dict[torch.nn.Module, float] = {}
 
-    def add(self, module: torch.nn.Module, rows: torch.Tensor, weight: float) -> None:
-        """Add one sample: its rows count as one of the ``N`` samples, as in llm-compressor."""
+    def add(self, module: torch.nn.Module, rows: torch.Tensor, token_weight: float) -> None:
+        """Add one sample: it counts as one of the ``N`` samples, as in llm-compressor (the
+        weights are already in the rows, so ``token_weight`` is not needed)."""
         if module not in self.hessians:
             self.empty(module)
         self.hessians[module], self.samples[module] = accumulate_hessian(
@@ -101,16 +104,17 @@ class TokenHessians:
         self.hessians[module] = make_empty_hessian(module, device=get_execution_device(module))
         self.samples[module] = 0
 
-    def state(self, module: torch.nn.Module) -> list[torch.Tensor]:
-        # H is a mean over this rank's samples: the sum over ranks is of H * N.
-        n = self.samples[module]
-        return [self.hessians[module].double() * n, torch.tensor(float(n), dtype=torch.float64)]
-
-    def load(self, module: torch.nn.Module, summed: list[torch.Tensor]) -> None:
-        total, n = summed
-        n = int(n.item())
-        self.hessians[module] = (total / max(n, 1)).to(self.hessians[module].dtype)
-        self.samples[module] = n
+    def reduce_across_ranks(self, modules: list[torch.nn.Module], owner: dict) -> None:
+        """Each Hessian summed onto its owner rank; the other ranks drop theirs."""
+        counts = sum_across_ranks([torch.tensor(float(self.samples[m]), dtype=torch.float64) for m in modules])
+        for m, total in zip(modules, counts):
+            # H is a mean over this rank's samples: what sums over ranks is H * N.
+            summed = reduce_to_rank(self.hessians[m] * self.samples[m], owner[m])
+            self.samples[m] = int(total.item())
+            if rank() == owner[m]:
+                self.hessians[m] = summed / max(self.samples[m], 1)
+            else:
+                del self.hessians[m]
 
     def result(self, module: torch.nn.Module, sparsity: float, prune_n: int, prune_m: int) -> torch.Tensor:
         """The reconstructed weight (pruned ones zero), from llm-compressor's ``sparsify_weight``."""

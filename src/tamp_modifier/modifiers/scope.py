@@ -21,7 +21,12 @@ from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from loguru import logger
 
-from tamp_modifier.placement import TextDecoder, find_text_decoder, outside_decoder_patterns
+from tamp_modifier.placement import (
+    TextDecoder,
+    find_text_decoder,
+    outside_decoder_patterns,
+    outside_decoder_roots,
+)
 
 __all__ = ["SCOPES", "confine_to_text_decoder", "modules_outside_decoder"]
 
@@ -48,10 +53,12 @@ def confine_to_text_decoder(owner: Modifier, model: torch.nn.Module, pruner: Mod
     recipe inside the text decoder's layers."""
     decoder = find_text_decoder(model)
     patterns = outside_decoder_patterns(model, decoder)
-    roots = ", ".join(p[len("re:^"):-len("(\\..*)?$")].replace("\\", "") for p in patterns)
+    roots = ", ".join(outside_decoder_roots(model, decoder))
     modifiers = list(active_session().lifecycle.recipe.modifiers or [])
     after = modifiers[modifiers.index(owner) + 1:] if owner in modifiers else []
-    for step in [pruner or owner, *(m for m in after if isinstance(m, QuantizationMixin))]:
+    # A quantizer with nothing configured is left to raise llm-compressor's own error.
+    quantizers = [m for m in after if isinstance(m, QuantizationMixin) and m.has_config()]
+    for step in [pruner or owner, *quantizers]:
         if _extend_ignore(step, patterns):
             logger.info(f"{type(step).__name__}: only the text decoder's layers ({decoder.layers}, "
                         f"{decoder.num_layers} x {decoder.layer_class}); left as they are: {roots}")
