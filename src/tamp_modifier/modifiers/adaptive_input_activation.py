@@ -128,25 +128,12 @@ class AdaptiveInputActivation(SparsityModifierBase):
     _seconds: dict[str, float] = PrivateAttr(default_factory=lambda: {"selection": 0.0, "statistics": 0.0,
                                                                           "pruning": 0.0})
 
-    @field_validator("token_selection")
+    @field_validator("token_selection", "reconstruction", "scope", "token_weighting")
     @classmethod
-    def _check_selection(cls, value: str) -> str:
-        return one_of("token_selection", value, TOKEN_SELECTIONS)
-
-    @field_validator("reconstruction")
-    @classmethod
-    def _check_reconstruction(cls, value: str) -> str:
-        return one_of("reconstruction", value, RECONSTRUCTIONS)
-
-    @field_validator("scope")
-    @classmethod
-    def _check_scope(cls, value: str) -> str:
-        return one_of("scope", value, SCOPES)
-
-    @field_validator("token_weighting")
-    @classmethod
-    def _check_weighting(cls, value: str) -> str:
-        return one_of("token_weighting", value, TOKEN_WEIGHTINGS)
+    def _check_choice(cls, value: str, info) -> str:
+        choices = {"token_selection": TOKEN_SELECTIONS, "reconstruction": RECONSTRUCTIONS, "scope": SCOPES,
+                   "token_weighting": TOKEN_WEIGHTINGS}
+        return one_of(info.field_name, value, choices[info.field_name])
 
     @field_validator("mask_structure")
     @classmethod
