@@ -50,7 +50,13 @@ def zero_fraction(module):
 
 
 def brute_force_scores(model, dataset, modalities: dict[str, list[int]]):
-    """The spec's DAS layer score, from full pairwise distance matrices (float64).
+    """The spec's DAS layer score: the mean of ``brute_force_terms``."""
+    return {n: sum(t.values()) / len(t) for n, t in brute_force_terms(model, dataset, modalities).items()}
+
+
+def brute_force_terms(model, dataset, modalities: dict[str, list[int]]):
+    """The spec's DAS terms per layer (intra ``m``, cross ``a|b``), from full pairwise
+    distance matrices (float64), each averaged over the samples that have it.
 
     Runs the dense model sample by sample with plain forward hooks: independent
     of llm-compressor's pipeline and of tamp_modifier's streaming formulas.
@@ -89,11 +95,7 @@ def brute_force_scores(model, dataset, modalities: dict[str, list[int]]):
     finally:
         for h in hooks:
             h.remove()
-    scores = {}
-    for n, terms in sums.items():
-        means = [sum(v) / len(v) for v in terms.values()]
-        scores[n] = sum(means) / len(means)
-    return scores
+    return {n: {term: sum(v) / len(v) for term, v in terms.items()} for n, terms in sums.items()}
 
 
 def assert_reloads_equal(model, folder):

@@ -10,6 +10,7 @@ from conftest import (
     RECIPES,
     assert_reloads_equal,
     brute_force_scores,
+    brute_force_terms,
     language_linears,
     run_oneshot,
     zero_fraction,
@@ -205,3 +206,27 @@ def test_bfloat16_model_is_scored_in_float32(tiny, tmp_path):
         assert module.weight.dtype == torch.bfloat16
         assert layers[name]["score"] == pytest.approx(expected[name], abs=1e-3), name
         assert zero_fraction(module) == pytest.approx(layers[name]["assigned"], abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_three_modalities_in_one_sample(tiny, tmp_path, family):
+    """Text, image and video in every sample: DAS's six terms against brute force, AMIA's
+    tokens per modality against the data."""
+    model, tokenizer, _ = tiny(family)
+    data = make_calibration_dataset(model, 4, seed=2, video=True)
+    expected = brute_force_terms(model, data, placeholder_ids(model))
+    run_oneshot(model, tokenizer, data, str(RECIPES / "tamp.yaml"), output_dir=tmp_path / "t")
+    report = load_report(tmp_path / "t")
+    counts = {m: sum(int(torch.isin(row["input_ids"], torch.tensor(ids)).sum()) for row in data)
+              for m, ids in placeholder_ids(model).items()}
+    assert counts["image"] > 0 and counts["video"] > 0
+    assert {k: v for k, v in report["das"]["tokens"].items() if k != "text"} == counts
+    terms = {"text", "image", "video", "text|image", "text|video", "image|video"}
+    for name, layer in report["das"]["layers"].items():
+        assert set(layer["terms"]) == set(expected[name]) == terms, name
+        for term, value in expected[name].items():
+            assert layer["terms"][term] == pytest.approx(value, abs=1e-4), (name, term)
+        assert layer["score"] == pytest.approx(sum(expected[name].values()) / len(terms), abs=1e-4), name
+    for name, layer in report["amia"]["layers"].items():
+        assert {m: layer["tokens"][m] for m in counts} == counts, name
+        assert all(layer["selected"][m] > 0 for m in ("text", "image", "video")), name

@@ -633,6 +633,16 @@ def _num_image_tokens(model, pixel_inputs: dict[str, np.ndarray]) -> int:
     return cache[key]
 
 
+def _video_inputs(model, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+    """A Qwen video of 4 frames (2 temporal patches) on an 8 x 8 patch grid, and its token count."""
+    vcfg = model.config.vision_config
+    t, hw = 2, 8
+    p, tp, m = vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size
+    pix = rng.standard_normal((t * hw * hw, vcfg.in_channels * tp * p * p), dtype=np.float32)
+    return ({"pixel_values_videos": pix, "video_grid_thw": np.array([[t, hw, hw]], dtype=np.int64)},
+            t * hw * hw // (m * m))
+
+
 def _llava_next_num_tokens(model, s: int) -> int:
     # The unpad/newline arithmetic is intricate; ask the model itself.
     cached = getattr(model, "_synthetic_num_image_tokens", None)
@@ -655,6 +665,7 @@ def make_calibration_dataset(
     seed: int = 0,
     pad_to: int | None = None,
     padding_side: str = "right",
+    video: bool = False,
 ) -> Dataset:
     """Pre-tokenised multimodal calibration rows for ``model``, one sample per row.
 
@@ -665,7 +676,9 @@ def make_calibration_dataset(
     ``prefix text, image placeholders, text`` with about ``text_tokens`` random
     text ids (varying by up to +-2, seeded) that never equal 0 (padding) or any
     placeholder.  ``pad_to`` pads every row to that length with id 0 and mask 0
-    on ``padding_side``.
+    on ``padding_side``.  ``video`` (Qwen2-VL, Qwen2.5-VL) adds a 4-frame video after the
+    image: ``pixel_values_videos``, ``video_grid_thw`` and its placeholders (mm
+    token type 2), so a sample holds three modalities: text, image and video.
 
     The format is torch, so ``model(**ds[i])`` works directly.  For ``oneshot``
     pass ``data_collator=tamp_modifier.data.collate_rows`` (the default collator would add a
@@ -674,6 +687,9 @@ def make_calibration_dataset(
     family = family_of(model)
     if padding_side not in ("left", "right"):
         raise ValueError("padding_side must be 'left' or 'right'")
+    if video and family not in ("qwen2_vl", "qwen2_5_vl"):
+        # Qwen3-VL frames each carry their own timestamp text and vision markers: not built here.
+        raise ValueError(f"video=True needs qwen2_vl or qwen2_5_vl, not {family}")
     cfg = model.config
     vocab_size = cfg.get_text_config().vocab_size
     ids = _special_ids(vocab_size)
@@ -693,7 +709,14 @@ def make_calibration_dataset(
             pieces += [[ids["vision_start"]], np.full(n_img, img_id), [ids["vision_end"]]]
         else:
             pieces += [np.full(n_img, img_id)]
-        pieces.append(text[n_prefix:])
+        if video:
+            clip, n_vid = _video_inputs(model, rng)
+            image.update(clip)
+            vid_id = int(cfg.video_token_id)
+            pieces += [text[n_prefix: n_prefix + 2], [ids["vision_start"]], np.full(n_vid, vid_id),
+                       [ids["vision_end"]], text[n_prefix + 2:]]
+        else:
+            pieces.append(text[n_prefix:])
         input_ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
         mask = np.ones_like(input_ids)
         if pad_to is not None:
@@ -705,7 +728,10 @@ def make_calibration_dataset(
             mask = np.pad(mask, width, constant_values=0)
         row = {"input_ids": input_ids[None], "attention_mask": mask[None], **image}
         if family.startswith("qwen"):
-            row["mm_token_type_ids"] = (input_ids == img_id).astype(np.int64)[None]
+            types = (input_ids == img_id).astype(np.int64)
+            if video:
+                types[input_ids == int(cfg.video_token_id)] = 2
+            row["mm_token_type_ids"] = types[None]
         rows.append(row)
     ds = Dataset.from_list(rows)
     ds.set_format("torch")
