@@ -150,7 +150,8 @@ def test_tamp_recipe_end_to_end(tiny, tmp_path, family):
     assert_reloads_equal(model, tmp_path / "t")
 
 
-@pytest.mark.parametrize("recipe, reconstruction", [("tamp_2of4", "wanda"), ("tamp_sparsegpt_2of4", "sparsegpt")])
+@pytest.mark.parametrize("recipe, reconstruction",
+                         [("tamp_2of4", "wanda"), ("tamp_sparsegpt_2of4", "sparsegpt")])
 def test_2of4_recipe(tiny, tmp_path, recipe, reconstruction):
     model, tokenizer, _ = tiny("llava")
     data = make_calibration_dataset(model, 3, seed=14)

@@ -110,7 +110,8 @@ def test_layer0_hessians_match_a_brute_force_sum(tiny, weighting):
 
     TokenHessians.result = recording
     try:
-        run_oneshot(model, tokenizer, data, [sgpt(sparsity=0.5, token_weighting=weighting, selected_weight=3.0)])
+        recipe = [sgpt(sparsity=0.5, token_weighting=weighting, selected_weight=3.0)]
+        run_oneshot(model, tokenizer, data, recipe)
     finally:
         TokenHessians.result = original
 

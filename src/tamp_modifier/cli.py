@@ -67,18 +67,26 @@ def check_recipe(recipe: Path, model_folder: str | None) -> None:
         raise SystemExit(f"tamp-prune: {problem}")
 
 
+def _auto_model_classes() -> tuple:
+    """The Auto classes a model folder is loaded with, in order: a vision-language model,
+    else a text-only one."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText, AutoModelForCausalLM
+
+
 def check_placement(model_folder: str) -> None:
     """The text decoder placed from the model's structure, on an empty (meta-device) model
     built from its config: a model whose decoder cannot be placed stops here, before its
     weights are read."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     from tamp_modifier.placement import find_text_decoder
 
     config = AutoConfig.from_pretrained(model_folder)
     skeleton = None
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):  # a text-only model: the second
+    for auto in _auto_model_classes():
         try:
             with torch.device("meta"):
                 skeleton = auto.from_config(config)
@@ -94,12 +102,11 @@ def check_placement(model_folder: str) -> None:
 
 
 def _load_model(folder: str):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
+    vision_language, text_only = _auto_model_classes()
     try:
-        return AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
+        return vision_language.from_pretrained(folder, dtype="auto")
     except ValueError:  # not a vision-language class: a text-only model
-        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        return text_only.from_pretrained(folder, dtype="auto")
 
 
 # What a processor is saved as (transformers 5 and earlier layouts); a checkpoint

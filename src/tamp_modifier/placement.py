@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-__all__ = ["TextDecoder", "find_text_decoder", "outside_decoder_patterns", "outside_decoder_roots"]
+__all__ = [
+    "TextDecoder", "find_text_decoder", "ignore_pattern", "outside_decoder_patterns", "outside_decoder_roots",
+]
 
 _REFUSAL = (
     "cannot place the text decoder of {cls}: {why}. Name its decoder layer class with "
@@ -98,7 +100,12 @@ def outside_decoder_roots(model: torch.nn.Module, decoder: TextDecoder | None = 
     return roots
 
 
+def ignore_pattern(root: str) -> str:
+    """An anchored ``re:`` pattern for ``root`` and everything under it; it also matches
+    llm-compressor's ``name.`` form of a module name."""
+    return f"re:^{re.escape(root)}(\\..*)?$"
+
+
 def outside_decoder_patterns(model: torch.nn.Module, decoder: TextDecoder | None = None) -> list[str]:
-    """``ignore`` patterns for ``outside_decoder_roots``: anchored ``re:`` patterns that also
-    match llm-compressor's ``name.`` form of a module name."""
-    return [f"re:^{re.escape(root)}(\\..*)?$" for root in outside_decoder_roots(model, decoder)]
+    """``ignore`` patterns for ``outside_decoder_roots``."""
+    return [ignore_pattern(root) for root in outside_decoder_roots(model, decoder)]

@@ -208,7 +208,8 @@ def _build_config(
         return config_class(
             text_config=text,
             vision_config=dict(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
-                               num_hidden_layers=vision_layers, num_attention_heads=max(1, vision_hidden_size // 16),
+                               num_hidden_layers=vision_layers,
+                               num_attention_heads=max(1, vision_hidden_size // 16),
                                image_size=image_size or 32, patch_size=patch_size),
             image_token_id=ids["image"], scale_factor=2, tie_word_embeddings=False,
         )
@@ -261,7 +262,8 @@ def _build_config(
 _MORE_FAMILIES = ("gemma3", "qwen3_vl", "internvl", "mistral3", "llava_onevision")
 
 
-def _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers, image_size, patch_size):
+def _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers, image_size,
+                        patch_size):
     from transformers import CONFIG_MAPPING
 
     text = dict(text, head_dim=head_dim)
@@ -282,14 +284,16 @@ def _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_
             text_config=dict(text, rope_parameters=rope),
             vision_config=dict(depth=vision_layers, hidden_size=vision_hidden_size,
                                intermediate_size=2 * vision_hidden_size, num_heads=heads,
-                               out_hidden_size=text["hidden_size"], patch_size=patch_size, spatial_merge_size=2,
-                               temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0]),
-            image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["vision_start"],
-            vision_end_token_id=ids["vision_end"], **common)
+                               out_hidden_size=text["hidden_size"], patch_size=patch_size,
+                               spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                               deepstack_visual_indexes=[0]),
+            image_token_id=ids["image"], video_token_id=ids["video"],
+            vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"], **common)
     if family == "internvl":  # InternViT tower, pixel-shuffle projector, Qwen2 text model
         return CONFIG_MAPPING["internvl"](
             text_config=dict(text, model_type="qwen2"),
-            vision_config=dict(vision, image_size=[image_size, image_size], patch_size=[patch_size, patch_size]),
+            vision_config=dict(vision, image_size=[image_size, image_size],
+                               patch_size=[patch_size, patch_size]),
             image_token_id=ids["image"], downsample_ratio=0.5, vision_feature_layer=-1, **common)
     if family == "mistral3":  # Pixtral tower, patch merger, Mistral text model
         return CONFIG_MAPPING["mistral3"](
@@ -300,9 +304,10 @@ def _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_
     # llava_onevision: SigLIP tower, anyres tiles, Qwen2 text model
     return CONFIG_MAPPING["llava_onevision"](
         text_config=dict(text, model_type="qwen2"),
-        vision_config=dict(vision, model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size),
-        image_token_index=ids["image"], video_token_index=ids["video"], image_grid_pinpoints=[[image_size, image_size]],
-        vision_feature_layer=-1, **common)
+        vision_config=dict(vision, model_type="siglip_vision_model", image_size=image_size,
+                           patch_size=patch_size),
+        image_token_index=ids["image"], video_token_index=ids["video"],
+        image_grid_pinpoints=[[image_size, image_size]], vision_feature_layer=-1, **common)
 
 
 _MODEL_CLASSES = {
@@ -610,7 +615,9 @@ def _image_inputs(model, family, rng: np.random.Generator) -> tuple[dict[str, np
         # anyres picks the [s, s] pinpoint for an s x s image: base + one tile.
         pix = rng.standard_normal((1, 2, 3, s, s), dtype=np.float32)
         sizes = np.array([[s, s]], dtype=np.int64)
-        return {"pixel_values": pix, "image_sizes": sizes}, _llava_next_num_tokens(model, s)
+        # The unpad/newline arithmetic is intricate: the model itself says how many.
+        pixel_inputs = {"pixel_values": pix, "image_sizes": sizes}
+        return pixel_inputs, _num_image_tokens(model, pixel_inputs)
     t, hw = 1, _QWEN_GRID_HW
     p, tp, m = vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size
     pix = rng.standard_normal((t * hw * hw, vcfg.in_channels * tp * p * p), dtype=np.float32)
@@ -641,20 +648,6 @@ def _video_inputs(model, rng: np.random.Generator) -> tuple[dict[str, np.ndarray
     pix = rng.standard_normal((t * hw * hw, vcfg.in_channels * tp * p * p), dtype=np.float32)
     return ({"pixel_values_videos": pix, "video_grid_thw": np.array([[t, hw, hw]], dtype=np.int64)},
             t * hw * hw // (m * m))
-
-
-def _llava_next_num_tokens(model, s: int) -> int:
-    # The unpad/newline arithmetic is intricate; ask the model itself.
-    cached = getattr(model, "_synthetic_num_image_tokens", None)
-    if cached is not None and cached[0] == s:
-        return cached[1]
-    pix = torch.zeros(1, 2, 3, s, s, dtype=model.dtype)
-    with torch.no_grad():
-        out = model.model.get_image_features(pixel_values=pix, image_sizes=torch.tensor([[s, s]]))
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    n = int(sum(f.shape[0] for f in feats))
-    model._synthetic_num_image_tokens = (s, n)
-    return n
 
 
 def make_calibration_dataset(

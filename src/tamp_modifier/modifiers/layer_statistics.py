@@ -106,7 +106,8 @@ class TokenHessians:
 
     def reduce_across_ranks(self, modules: list[torch.nn.Module], owner: dict) -> None:
         """Each Hessian summed onto its owner rank; the other ranks drop theirs."""
-        counts = sum_across_ranks([torch.tensor(float(self.samples[m]), dtype=torch.float64) for m in modules])
+        counts = sum_across_ranks([torch.tensor(float(self.samples[m]), dtype=torch.float64)
+                                   for m in modules])
         for m, total in zip(modules, counts):
             # H is a mean over this rank's samples: what sums over ranks is H * N.
             summed = reduce_to_rank(self.hessians[m] * self.samples[m], owner[m])

@@ -24,7 +24,7 @@ from loguru import logger
 from tamp_modifier.placement import (
     TextDecoder,
     find_text_decoder,
-    outside_decoder_patterns,
+    ignore_pattern,
     outside_decoder_roots,
 )
 
@@ -33,17 +33,21 @@ __all__ = ["SCOPES", "confine_to_text_decoder", "modules_outside_decoder"]
 SCOPES = ("text_decoder", "targets")
 
 
+def _extended(ignore: list[str] | None, patterns: list[str]) -> tuple[list[str], list[str]]:
+    """``ignore`` with the patterns it lacks appended, and those patterns."""
+    written = list(ignore or [])
+    added = [p for p in patterns if p not in written]
+    return [*written, *added], added
+
+
 def _extend_ignore(modifier: Modifier, patterns: list[str]) -> list[str]:
     """Add the patterns ``modifier.ignore`` lacks; return those added."""
-    written = list(modifier.ignore or [])
-    added = [p for p in patterns if p not in written]
-    if added:
-        modifier.ignore = [*written, *added]
+    modifier.ignore, added = _extended(modifier.ignore, patterns)
     if isinstance(modifier, QuantizationMixin):
         # Its config (targets, ignore) may have been resolved already, and is then
         # what it applies: it must leave the same modules out.
         config = modifier.resolved_config
-        config.ignore = [*(config.ignore or []), *(p for p in patterns if p not in (config.ignore or []))]
+        config.ignore, _ = _extended(config.ignore, patterns)
     return added
 
 
@@ -52,8 +56,8 @@ def confine_to_text_decoder(owner: Modifier, model: torch.nn.Module, pruner: Mod
     """Keep ``owner`` (or the ``pruner`` it hands ratios to) and every quantizer after it in the
     recipe inside the text decoder's layers."""
     decoder = find_text_decoder(model)
-    patterns = outside_decoder_patterns(model, decoder)
-    roots = ", ".join(outside_decoder_roots(model, decoder))
+    roots = outside_decoder_roots(model, decoder)
+    patterns = [ignore_pattern(root) for root in roots]
     modifiers = list(active_session().lifecycle.recipe.modifiers or [])
     after = modifiers[modifiers.index(owner) + 1:] if owner in modifiers else []
     # A quantizer with nothing configured is left to raise llm-compressor's own error.
@@ -61,7 +65,8 @@ def confine_to_text_decoder(owner: Modifier, model: torch.nn.Module, pruner: Mod
     for step in [pruner or owner, *quantizers]:
         if _extend_ignore(step, patterns):
             logger.info(f"{type(step).__name__}: only the text decoder's layers ({decoder.layers}, "
-                        f"{decoder.num_layers} x {decoder.layer_class}); left as they are: {roots}")
+                        f"{decoder.num_layers} x {decoder.layer_class}); left as they are: "
+                        f"{', '.join(roots)}")
     return decoder
 
 
