@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES, run_oneshot
+from conftest import RECIPES, assert_reloads_to_the_same_logits, run_oneshot
 from loguru import logger
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
@@ -105,13 +105,7 @@ def test_quantized_checkpoint_reloads_in_transformers_equal_to_memory(tiny, tmp_
     assert not quantized & set(config["ignore"])
     assert config_problems(out) == []
 
-    batch = {k: torch.as_tensor(v) for k, v in dataset[0].items()}
-    with torch.no_grad():
-        expected = model(**batch).logits
-        reloaded = AutoModelForImageTextToText.from_pretrained(out, attn_implementation="eager")
-        reloaded = reloaded(**batch).logits
-    assert torch.isfinite(reloaded).all()
-    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+    assert_reloads_to_the_same_logits(model, out, dataset[0])
 
 
 @pytest.mark.parametrize("recipe", QUANT_RECIPES)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from compressed_tensors.utils import match_named_modules
-from conftest import RECIPES, assert_reloads_equal, run_oneshot
+from conftest import RECIPES, assert_reloads_equal, assert_reloads_to_the_same_logits, run_oneshot
 from datasets import Dataset
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
@@ -179,15 +179,7 @@ def test_quantization_after_pruning_also_leaves_the_tower_alone(tiny, tmp_path, 
     after = outside_parameters(model)
     for name, value in before.items():
         assert torch.equal(after[name], value), name
-    from transformers import AutoModelForImageTextToText
-
-    batch = {k: torch.as_tensor(v) for k, v in data[0].items()}
-    with torch.no_grad():
-        expected = model(**batch).logits
-        reloaded = AutoModelForImageTextToText.from_pretrained(out, attn_implementation="eager")
-        reloaded = reloaded(**batch).logits
-    assert torch.isfinite(reloaded).all()
-    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
+    assert_reloads_to_the_same_logits(model, out, data[0])
 
 
 def test_scope_targets_prunes_what_the_patterns_say_or_refuses_by_name(tiny):
