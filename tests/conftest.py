@@ -101,12 +101,10 @@ def brute_force_terms(model, dataset, modalities: dict[str, list[int]]):
 def assert_reloads_to_the_same_logits(model, folder, row):
     """The saved (possibly quantized) checkpoint reloads with transformers to finite logits
     equal to the in-memory model's on one calibration ``row``."""
-    from transformers import AutoModelForImageTextToText
-
     batch = {k: torch.as_tensor(v) for k, v in row.items()}
     with torch.no_grad():
         expected = model(**batch).logits
-        reloaded = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager")
+        reloaded = type(model).from_pretrained(folder, attn_implementation="eager")
         reloaded = reloaded(**batch).logits
     assert torch.isfinite(reloaded).all()
     torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-5)
@@ -114,9 +112,7 @@ def assert_reloads_to_the_same_logits(model, folder, row):
 
 def assert_reloads_equal(model, folder):
     """The saved checkpoint reloads with transformers to the in-memory weights."""
-    from transformers import AutoModelForImageTextToText
-
-    mine, theirs = model.state_dict(), AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+    mine, theirs = model.state_dict(), type(model).from_pretrained(folder).state_dict()
     assert set(mine) == set(theirs)
     for key in mine:
         assert torch.equal(mine[key], theirs[key]), key

@@ -34,11 +34,15 @@ DECODERS = {  # family: (decoder module, its layers, the layer class), as transf
     "internvl": ("model.language_model", "model.language_model.layers", "Qwen2DecoderLayer"),
     "mistral3": ("model.language_model", "model.language_model.layers", "MistralDecoderLayer"),
     "llava_onevision": ("model.language_model", "model.language_model.layers", "Qwen2DecoderLayer"),
+    "qwen2_audio": ("model.language_model", "model.language_model.layers", "Qwen2DecoderLayer"),
+    "qwen2_5_omni": ("model", "model.layers", "Qwen2_5OmniDecoderLayer"),
 }
 # Beyond the first four: SmolVLM and Idefics3 keep tower and projector under names no shipped
 # pattern has (model.vision_model, model.connector); the others under known names, with towers
-# (SigLIP, InternViT, Pixtral, Qwen3-VL's) and text models (Gemma 3, Qwen2, Mistral) of their own.
-NEW_NAMES = ("smolvlm", "idefics3", "gemma3", "qwen3_vl", "internvl", "mistral3", "llava_onevision")
+# (SigLIP, InternViT, Pixtral, Qwen3-VL's) and text models (Gemma 3, Qwen2, Mistral) of their own;
+# Qwen2-Audio and Qwen2.5-Omni's thinker an audio tower (and the thinker a vision tower) beside them.
+NEW_NAMES = ("smolvlm", "idefics3", "gemma3", "qwen3_vl", "internvl", "mistral3", "llava_onevision",
+             "qwen2_audio", "qwen2_5_omni")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -144,10 +148,13 @@ def test_shipped_recipes_leave_towers_and_connectors_dense_whatever_their_names(
                                         tolerance=0.01)
     assert_reloads_equal(model, tmp_path / "o")
     amia = load_report(tmp_path / "o").get("amia")
-    if amia:  # AMIA read every block's attention and labelled the image tokens as such
-        image_id = model.config.image_token_id
-        images = sum(int((row["input_ids"] == image_id).sum()) for row in data)
-        assert images > 0 and all(v["tokens"]["image"] == images for v in amia["layers"].values())
+    if amia:  # AMIA read every block's attention and labelled each modality's tokens as such
+        for modality in ("image", "audio"):
+            placeholder = getattr(model.config, f"{modality}_token_id", None)
+            if placeholder is None:
+                continue
+            count = sum(int((row["input_ids"] == placeholder).sum()) for row in data)
+            assert count > 0 and all(v["tokens"][modality] == count for v in amia["layers"].values())
     # The saved recipe spells out what was left dense.
     saved = (tmp_path / "o" / "recipe.yaml").read_text()
     if family in ("smolvlm", "idefics3"):
@@ -204,9 +211,7 @@ def test_tamp_prune_on_a_model_with_new_names(tiny, tmp_path, family):
     out = tmp_path / "pruned"
     assert tamp_prune([str(folder), "--dataset", str(tmp_path / "calib"), "--output", str(out),
                        "--num-samples", "3"]) == 0
-    from transformers import AutoModelForImageTextToText
-
-    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    reloaded = type(model).from_pretrained(out)
     das = load_report(out)["das"]["layers"]
     assert_only_the_decoder_changed(reloaded, before, {n: v["assigned"] for n, v in das.items()})
     assert load_report(out)["pattern"]["intact"]

@@ -14,6 +14,7 @@ from tamp_modifier.modifiers import AdaptiveInputActivation, DiversityAwareSpars
 from tamp_modifier.registry import register_modifiers
 from tamp_modifier.report import load_report, reallocate
 from tamp_modifier.token_selection import select_tokens
+from tamp_modifier.tracing import bake_empty_keyword_arguments, keep_model_output_classes
 
 __version__ = "0.1.0"
 
@@ -28,3 +29,6 @@ __all__ = [
 ]
 
 register_modifiers(DiversityAwareSparsity, AdaptiveInputActivation)
+# Audio-language models through llm-compressor's tracer (Qwen2-Audio, Qwen2.5-Omni): see tracing.py.
+keep_model_output_classes()
+bake_empty_keyword_arguments()

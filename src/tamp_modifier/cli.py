@@ -68,11 +68,11 @@ def check_recipe(recipe: Path, model_folder: str | None) -> None:
 
 
 def _auto_model_classes() -> tuple:
-    """The Auto classes a model folder is loaded with, in order: a vision-language model,
-    else a text-only one."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """The Auto classes a model folder is loaded with, in order: a vision-language model, a
+    multimodal LM transformers files elsewhere (Qwen2-Audio), else a text-only one."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
-    return AutoModelForImageTextToText, AutoModelForCausalLM
+    return AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoModelForCausalLM
 
 
 def check_placement(model_folder: str) -> None:
@@ -102,11 +102,13 @@ def check_placement(model_folder: str) -> None:
 
 
 def _load_model(folder: str):
-    vision_language, text_only = _auto_model_classes()
-    try:
-        return vision_language.from_pretrained(folder, dtype="auto")
-    except ValueError:  # not a vision-language class: a text-only model
-        return text_only.from_pretrained(folder, dtype="auto")
+    *first, last = _auto_model_classes()
+    for auto in first:
+        try:
+            return auto.from_pretrained(folder, dtype="auto")
+        except ValueError:  # "Unrecognized configuration class": not this kind of model
+            continue
+    return last.from_pretrained(folder, dtype="auto")
 
 
 # What a processor is saved as (transformers 5 and earlier layouts); a checkpoint

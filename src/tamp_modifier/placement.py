@@ -55,6 +55,13 @@ def _name_of(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
 def find_text_decoder(model: torch.nn.Module) -> TextDecoder:
     """The text decoder of ``model`` (a transformers model), or a ValueError saying the way out."""
     cls = type(model).__name__
+    thinker = getattr(model, "thinker", None)
+    if isinstance(thinker, PreTrainedModel):
+        # Qwen2.5-Omni / Qwen3-Omni: the talker (a second language model) and its vocoder only voice
+        # what the thinker wrote; the thinker is the multimodal LLM, and the one to prune.
+        raise ValueError(
+            f"{cls} is a thinker and a talker: prune its thinker ({type(thinker).__name__}), e.g. "
+            "oneshot(model=model.thinker, ...), or save model.thinker and give tamp-prune that folder")
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is None:

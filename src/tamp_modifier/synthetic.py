@@ -71,7 +71,10 @@ __all__ = [
 ]
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "smolvlm", "idefics3", "gemma3", "qwen3_vl",
-            "internvl", "mistral3", "llava_onevision")
+            "internvl", "mistral3", "llava_onevision", "qwen2_audio", "qwen2_5_omni")
+# Families with an audio tower: Qwen2-Audio (audio + text) and Qwen2.5-Omni's thinker
+# (audio + image + video + text).
+AUDIO_FAMILIES = ("qwen2_audio", "qwen2_5_omni")
 
 PAD_TOKEN_ID = 0
 BOS_TOKEN_ID = 1
@@ -97,6 +100,8 @@ _ARCH_TO_FAMILY = {
     "InternVLForConditionalGeneration": "internvl",
     "Mistral3ForConditionalGeneration": "mistral3",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "Qwen2AudioForConditionalGeneration": "qwen2_audio",
+    "Qwen2_5OmniThinkerForConditionalGeneration": "qwen2_5_omni",
 }
 
 
@@ -120,6 +125,12 @@ def _special_ids(vocab_size: int) -> dict[str, int]:
         "vision_start": vocab_size - 3,
         "vision_end": vocab_size - 4,
     }
+
+
+def _audio_ids(vocab_size: int) -> dict[str, int]:
+    """Audio placeholder and its start/end markers, below the image/video ids (audio families only,
+    so the text ids drawn for every other family stay as they were)."""
+    return {"audio": vocab_size - 5, "audio_start": vocab_size - 6, "audio_end": vocab_size - 7}
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -214,6 +225,9 @@ def _build_config(
             image_token_id=ids["image"], scale_factor=2, tie_word_embeddings=False,
         )
     head_dim = hidden_size // num_heads
+    if family in AUDIO_FAMILIES:
+        return _audio_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers,
+                                    patch_size)
     if family in _MORE_FAMILIES:
         return _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers,
                                    image_size or 32, patch_size)
@@ -310,6 +324,38 @@ def _more_family_config(family, text, ids, head_dim, vision_hidden_size, vision_
         image_grid_pinpoints=[[image_size, image_size]], vision_feature_layer=-1, **common)
 
 
+# Mel frames per clip: Qwen2-Audio's encoder takes exactly 2 x max_source_positions.
+_AUDIO_FRAMES = 64
+
+
+def _audio_family_config(family, text, ids, head_dim, vision_hidden_size, vision_layers, patch_size):
+    from transformers import CONFIG_MAPPING
+
+    audio_ids = _audio_ids(text["vocab_size"])
+    audio = dict(d_model=vision_hidden_size, encoder_attention_heads=max(1, vision_hidden_size // 16),
+                 encoder_ffn_dim=2 * vision_hidden_size, encoder_layers=vision_layers, num_mel_bins=16,
+                 max_source_positions=_AUDIO_FRAMES // 2)
+    if family == "qwen2_audio":  # Whisper-style audio tower, a linear projector, a Qwen2 text model
+        return CONFIG_MAPPING["qwen2_audio"](
+            text_config=dict(text, model_type="qwen2"), audio_config=audio,
+            audio_token_index=audio_ids["audio"], tie_word_embeddings=False)
+    # qwen2_5_omni: the thinker alone (the talker and its vocoder only speak what it wrote), with
+    # an audio tower that attends within windows of 2 x n_window frames and a Qwen2.5-VL tower.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    return CONFIG_MAPPING["qwen2_5_omni_thinker"](
+        text_config=dict(text, rope_parameters=rope),
+        audio_config=dict(audio, n_window=8, output_dim=text["hidden_size"]),
+        vision_config=dict(depth=vision_layers, hidden_size=vision_hidden_size,
+                           intermediate_size=2 * vision_hidden_size, out_hidden_size=text["hidden_size"],
+                           num_heads=max(1, vision_hidden_size // 16), patch_size=patch_size,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=patch_size * 2 * 2,
+                           fullatt_block_indexes=[vision_layers - 1]),
+        audio_token_index=audio_ids["audio"], audio_start_token_id=audio_ids["audio_start"],
+        audio_end_token_id=audio_ids["audio_end"], image_token_index=ids["image"],
+        video_token_index=ids["video"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+
+
 _MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
@@ -325,8 +371,14 @@ def _instantiate(family, config, *, seed, dtype, attn_implementation):
 
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = (AutoModelForImageTextToText.from_config(config) if family in _MORE_FAMILIES
-             else _MODEL_CLASSES[family](config))
+    if family == "qwen2_audio":  # transformers maps it to AutoModelForMultimodalLM only
+        from transformers import Qwen2AudioForConditionalGeneration
+
+        model = Qwen2AudioForConditionalGeneration(config)
+    elif family in _MORE_FAMILIES or family == "qwen2_5_omni":
+        model = AutoModelForImageTextToText.from_config(config)
+    else:
+        model = _MODEL_CLASSES[family](config)
     # The constructor does not always propagate the choice to sub-configs.
     model.set_attn_implementation(attn_implementation)
     model.to(dtype)
@@ -355,7 +407,8 @@ def build_tiny_model(
     of the vocabulary (``vocab_size - 1`` is the image token).  Image token
     counts per sample: llava 64 (32x32 px, patch 4), llava_next 78 (24x24 px
     anyres base + 1 tile + row newlines), qwen2_vl / qwen2_5_vl 64 (16x16
-    patches merged 2x2).  ``attn_implementation="eager"`` is the default
+    patches merged 2x2); qwen2_audio 16 audio tokens (64 mel frames), qwen2_5_omni
+    16 audio + 64 image tokens.  ``attn_implementation="eager"`` is the default
     because only eager attention returns attention probabilities.
 
     The model's ``name_or_path`` is empty; call ``save_tiny_model`` before
@@ -484,11 +537,15 @@ def build_tiny_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerFast:
     """
     cfg = model.config
     vocab_size = cfg.get_text_config().vocab_size
-    names = {PAD_TOKEN_ID: "<pad>", BOS_TOKEN_ID: "<s>", EOS_TOKEN_ID: "</s>", cfg.image_token_id: "<image>"}
+    names = {PAD_TOKEN_ID: "<pad>", BOS_TOKEN_ID: "<s>", EOS_TOKEN_ID: "</s>"}
     for attr, name in (
+        ("image_token_id", "<image>"),
         ("video_token_id", "<video>"),
         ("vision_start_token_id", "<vision_start>"),
         ("vision_end_token_id", "<vision_end>"),
+        ("audio_token_id", "<audio>"),
+        ("audio_start_token_id", "<audio_start>"),
+        ("audio_end_token_id", "<audio_end>"),
     ):
         if getattr(cfg, attr, None) is not None:
             names[getattr(cfg, attr)] = name
@@ -650,6 +707,16 @@ def _video_inputs(model, rng: np.random.Generator) -> tuple[dict[str, np.ndarray
             t * hw * hw // (m * m))
 
 
+def _audio_inputs(model, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+    """One clip of log-mel features (every frame valid) and its placeholder count: the audio
+    tower's two stride-2 stages (conv2, then the average pool) give one token per 4 frames."""
+    bins = model.config.audio_config.num_mel_bins
+    features = rng.standard_normal((1, bins, _AUDIO_FRAMES), dtype=np.float32)
+    after_conv = (_AUDIO_FRAMES - 1) // 2 + 1
+    return ({"input_features": features, "feature_attention_mask": np.ones((1, _AUDIO_FRAMES), np.int64)},
+            (after_conv - 2) // 2 + 1)
+
+
 def make_calibration_dataset(
     model: PreTrainedModel,
     num_samples: int,
@@ -672,6 +739,10 @@ def make_calibration_dataset(
     on ``padding_side``.  ``video`` (Qwen2-VL, Qwen2.5-VL) adds a 4-frame video after the
     image: ``pixel_values_videos``, ``video_grid_thw`` and its placeholders (mm
     token type 2), so a sample holds three modalities: text, image and video.
+    Audio families (qwen2_audio, qwen2_5_omni) put a clip first: ``input_features``
+    ``[1, mel bins, 64]`` and ``feature_attention_mask``, its placeholders between
+    audio start/end markers; qwen2_5_omni adds the image too (and with ``video``, a
+    video and ``video_second_per_grid``): four modalities in one sample.
 
     The format is torch, so ``model(**ds[i])`` works directly.  For ``oneshot``
     pass ``data_collator=tamp_modifier.data.collate_rows`` (the default collator would add a
@@ -680,31 +751,48 @@ def make_calibration_dataset(
     family = family_of(model)
     if padding_side not in ("left", "right"):
         raise ValueError("padding_side must be 'left' or 'right'")
-    if video and family not in ("qwen2_vl", "qwen2_5_vl"):
+    if video and family not in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni"):
         # Qwen3-VL frames each carry their own timestamp text and vision markers: not built here.
-        raise ValueError(f"video=True needs qwen2_vl or qwen2_5_vl, not {family}")
+        raise ValueError(f"video=True needs qwen2_vl, qwen2_5_vl or qwen2_5_omni, not {family}")
     cfg = model.config
     vocab_size = cfg.get_text_config().vocab_size
     ids = _special_ids(vocab_size)
-    img_id = int(cfg.image_token_id)
-    hi = min(min(ids.values()), img_id, vocab_size - _NUM_RESERVED_TOP)
+    reserved = _NUM_RESERVED_TOP
+    if family in AUDIO_FAMILIES:
+        ids.update(_audio_ids(vocab_size))
+        reserved += len(_audio_ids(vocab_size))
+    img_id = int(cfg.image_token_id) if family != "qwen2_audio" else None
+    hi = min(min(ids.values()), vocab_size - reserved, *([img_id] if img_id is not None else []))
     if hi <= _FIRST_TEXT_ID:
         raise ValueError("vocabulary too small for random text ids")
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     for _ in range(num_samples):
-        image, n_img = _image_inputs(model, family, rng)
+        inputs, pieces, text = {}, [], None
+        if family in AUDIO_FAMILIES:  # the clip first, as Qwen's chat templates place it
+            audio, n_audio = _audio_inputs(model, rng)
+            inputs.update(audio)
+        if family != "qwen2_audio":
+            image, n_img = _image_inputs(model, family, rng)
+            inputs.update(image)
         n_text = max(2, text_tokens + int(rng.integers(-2, 3)))
         n_prefix = min(4, n_text // 2)
         text = rng.integers(_FIRST_TEXT_ID, hi, size=n_text)
         pieces = [text[:n_prefix]]
-        if family.startswith("qwen"):
+        if family in AUDIO_FAMILIES:
+            pieces += [[ids["audio_start"]], np.full(n_audio, ids["audio"]), [ids["audio_end"]]]
+            if family == "qwen2_5_omni":
+                pieces += [text[n_prefix: n_prefix + 1]]
+                n_prefix += 1
+        if img_id is not None and family.startswith("qwen"):
             pieces += [[ids["vision_start"]], np.full(n_img, img_id), [ids["vision_end"]]]
-        else:
+        elif img_id is not None:
             pieces += [np.full(n_img, img_id)]
         if video:
             clip, n_vid = _video_inputs(model, rng)
-            image.update(clip)
+            inputs.update(clip)
+            if family == "qwen2_5_omni":  # seconds per temporal patch, for its time positions
+                inputs["video_second_per_grid"] = np.ones(1, dtype=np.float32)
             vid_id = int(cfg.video_token_id)
             pieces += [text[n_prefix: n_prefix + 2], [ids["vision_start"]], np.full(n_vid, vid_id),
                        [ids["vision_end"]], text[n_prefix + 2:]]
@@ -719,8 +807,8 @@ def make_calibration_dataset(
             width = (extra, 0) if padding_side == "left" else (0, extra)
             input_ids = np.pad(input_ids, width, constant_values=PAD_TOKEN_ID)
             mask = np.pad(mask, width, constant_values=0)
-        row = {"input_ids": input_ids[None], "attention_mask": mask[None], **image}
-        if family.startswith("qwen"):
+        row = {"input_ids": input_ids[None], "attention_mask": mask[None], **inputs}
+        if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # the others' forwards take no token types
             types = (input_ids == img_id).astype(np.int64)
             if video:
                 types[input_ids == int(cfg.video_token_id)] = 2
