@@ -67,7 +67,8 @@ class QwenVLTokenPruner(TokenPruner):
             raise ValueError(f"{name} is not a Qwen-VL model this pruner knows ({', '.join(QWEN_SUPPORTED)})")
         vcfg = model.config.vision_config
         full = getattr(vcfg, "fullatt_block_indexes", None)
-        if options.stage1 and qwen_similarity(options.similarity) == "received_attention" and full is not None:
+        received = qwen_similarity(options.similarity) == "received_attention"
+        if options.stage1 and received and full is not None:
             if vcfg.depth - 1 not in full:
                 raise ValueError(
                     f"the last vision block ({vcfg.depth - 1}) attends within windows only "
@@ -100,7 +101,8 @@ class QwenVLTokenPruner(TokenPruner):
         if self._similarity == "received_attention":
             handle = self._last_attn.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            out = module.get_image_features(pixel_values=kw["pixel_values"], image_grid_thw=grid, return_dict=True)
+            out = module.get_image_features(pixel_values=kw["pixel_values"], image_grid_thw=grid,
+                                            return_dict=True)
         finally:
             if handle is not None:
                 handle.remove()
@@ -120,7 +122,8 @@ class QwenVLTokenPruner(TokenPruner):
         """Received attention of every patch in the last block, from its own q/k projections."""
         attn = self._last_attn
         hidden = captured["hidden"]
-        q, k, _ = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        qkv = attn.qkv(hidden).reshape(hidden.shape[0], 3, attn.num_heads, -1)
+        q, k, _ = qkv.permute(1, 0, 2, 3).unbind(0)
         cos, sin = captured["position_embeddings"]
         q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
         return patch_attention_received(q, k, captured["cu_seqlens"].tolist(), attn.scaling)
@@ -129,7 +132,8 @@ class QwenVLTokenPruner(TokenPruner):
         from transformers.vision_utils import get_vision_window_index
 
         visual = self._mm.visual
-        return get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+        merge, window, patch = visual.spatial_merge_size, visual.window_size, visual.patch_size
+        return get_vision_window_index(grid, merge, window, patch)[0]
 
     def _prefill_positions(self, module, kw, embeds) -> torch.Tensor:
         position_ids = kw.get("position_ids")
@@ -193,7 +197,8 @@ class QwenVLTokenPruner(TokenPruner):
                 return None
             features, mask = ctx.deepstack[i], ctx.visual_mask
             if i >= self.options.layer and ctx.index2 is not None:  # after the cut: the survivors only
-                kept = torch.zeros_like(mask, dtype=torch.long).scatter_add_(1, ctx.index2, ctx.valid2.long()) > 0
+                hits = torch.zeros_like(mask, dtype=torch.long).scatter_add_(1, ctx.index2, ctx.valid2.long())
+                kept = hits > 0  # the L1 slots that survived (padding slots repeat one, adding 0)
                 features = features[kept[mask]]
                 mask = gather_tokens(mask, ctx.index2) & ctx.valid2
             return self._lm._deepstack_process(output, mask, features)
