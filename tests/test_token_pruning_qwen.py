@@ -228,7 +228,7 @@ def test_received_attention_equals_a_brute_force_from_the_towers_attention(famil
     pruner = enable_token_pruning(model, stage2=False)
     try:
         logits(model, batch, logits_to_keep=1)
-        _, scores, _ = pruner._image_features(model.model, batch)
+        scores = pruner.stage1_scores(**batch)
     finally:
         disable_token_pruning(model)
     assert torch.allclose(torch.cat(scores), want, atol=1e-6, rtol=1e-5)

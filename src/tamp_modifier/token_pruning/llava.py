@@ -250,6 +250,16 @@ class TokenPruner:
         self.records.clear()
         self.last = []
 
+    def stage1_scores(self, **inputs) -> list[torch.Tensor]:
+        """Per image of ``inputs`` (what the model's forward takes), the stage-1 score of each of its
+        visual tokens in placeholder order: what the knee cuts. Runs the vision tower only.
+
+            scores = pruner.stage1_scores(**batch)   # [tensor of 64 scores], one per image
+        """
+        with torch.no_grad():
+            _, scores, _ = self._image_features(self._mm, self._bind((), inputs))
+        return scores
+
     @staticmethod
     def _refuse_labels(module, args, kwargs):
         if kwargs.get("labels") is not None:
