@@ -347,3 +347,19 @@ def test_refusals(models):
         enable_token_pruning(sdpa)
     enable_token_pruning(sdpa, stage2=False)  # stage 1 recomputes the tower's attention itself
     disable_token_pruning(sdpa)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_sdpa_keeps_the_same_tokens_as_eager(family):
+    """Under sdpa the tower's and the decoder's attention probabilities are recomputed from q/k."""
+    kept = []
+    for attn in ("eager", "sdpa"):
+        model = build_tiny_model(family, num_layers=3, vision_layers=2, seed=7, attn_implementation=attn)
+        pruner = enable_token_pruning(model, stage2_keep_ratio=0.5)  # a cut whatever the knee says
+        try:
+            logits(model, batch_of(model, seed=14), logits_to_keep=1)
+        finally:
+            disable_token_pruning(model)
+        kept.append([(c.kept_stage1, c.kept_stage2) for c in pruner.last])
+    assert kept[0] == kept[1]
+    assert any(len(k2) < len(k1) for k1, k2 in kept[0])  # stage 2 did cut
