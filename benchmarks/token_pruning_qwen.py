@@ -300,6 +300,14 @@ def table(r: dict, key: str) -> list[str]:
         lines.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
     k, p = r["knee"], r["default_pipeline"]
     if key == "accuracy":
+        agreements = [r["by_share"][m][str(s)]["agreement"] for m in METHODS for s in SHARES]
+        if min(agreements) == 1.0:  # the same answer whatever is kept: the image is not read at all
+            lines += [
+                "",
+                "**Every selection at every share gives the unpruned model's answer: this model "
+                "answers from the question alone (it did not learn to read the image in this training "
+                "budget), so these figures say nothing about the scores.**",
+            ]
         lines += [
             "",
             f"Unpruned accuracy {r['unpruned_accuracy']:.1%}. Knee (default, adaptive): mean share "
