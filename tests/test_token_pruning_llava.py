@@ -280,9 +280,12 @@ def test_sdpa_scores_equal_eager_scores():
 
 
 def test_refusals():
-    qwen = build_tiny_model("qwen2_vl")
-    with pytest.raises(ValueError, match="no CLS token"):
-        enable_token_pruning(qwen)
+    smolvlm = build_tiny_model("smolvlm")  # a SigLIP tower and a pixel-shuffle connector: not mapped
+    with pytest.raises(ValueError, match="SmolVLMForConditionalGeneration is none of them"):
+        enable_token_pruning(smolvlm)
+    model = build_tiny_model("llava", num_layers=3)
+    with pytest.raises(ValueError, match="similarity='received_attention' is the score of towers without"):
+        enable_token_pruning(model, similarity="received_attention")
     model = build_tiny_model("llava", num_layers=2)
     with pytest.raises(ValueError, match="1 <= layer <= 1"):
         enable_token_pruning(model, layer=2)

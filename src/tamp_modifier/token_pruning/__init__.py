@@ -1,10 +1,13 @@
-"""Dynamic visual-token pruning at inference (training-free, per sample), for LLaVA and LLaVA-NeXT.
+"""Dynamic visual-token pruning at inference (training-free, per sample), for LLaVA, LLaVA-NeXT,
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 Two stages, after Yu, Chen, Xu (arXiv 2409.01162); our choices where the paper
 is silent are options, with the defaults of ``shared/notes/token-pruning-spec.md``:
 
 1. before the language model, keep each image's visual tokens most similar to
-   the vision encoder's CLS token, cut at the knee of the sorted similarities;
+   the vision encoder's CLS token, cut at the knee of the sorted similarities
+   (Qwen-VL towers have no CLS token: there the score is the attention a token's
+   patches receive from the whole image, see ``qwen_vl.py``);
 2. inside the language model, after ``layer`` decoder layers, keep the tokens
    that the question attends to, cut at the knee again. The system prompt (all
    tokens before the first image token) and the last token always stay.
@@ -24,11 +27,26 @@ from __future__ import annotations
 
 from tamp_modifier.token_pruning.accounting import SampleCounts, layer_flops, prefill_flops
 from tamp_modifier.token_pruning.knee import KNEE_RULES, keep_mask, knee_count
-from tamp_modifier.token_pruning.llava import TokenPruner, TokenPruningOptions, attached_pruner, set_attached
-from tamp_modifier.token_pruning.scores import cls_attention, cls_cosine, received_attention
+from tamp_modifier.token_pruning.llava import (
+    QWEN_SUPPORTED,
+    TokenPruner,
+    TokenPruningOptions,
+    attached_pruner,
+    set_attached,
+)
+from tamp_modifier.token_pruning.qwen_vl import QwenVLTokenPruner
+from tamp_modifier.token_pruning.scores import (
+    cls_attention,
+    cls_cosine,
+    group_mean,
+    mean_cosine,
+    patch_attention_received,
+    received_attention,
+)
 
 __all__ = [
     "KNEE_RULES",
+    "QwenVLTokenPruner",
     "SampleCounts",
     "TokenPruner",
     "TokenPruningOptions",
@@ -37,9 +55,12 @@ __all__ = [
     "disable_token_pruning",
     "enable_token_pruning",
     "fastv_options",
+    "group_mean",
     "keep_mask",
     "knee_count",
     "layer_flops",
+    "mean_cosine",
+    "patch_attention_received",
     "prefill_flops",
     "received_attention",
 ]
@@ -69,7 +90,12 @@ def enable_token_pruning(
     CLS in the vision layer the projector reads (``"attention"``: the CLS query's
     attention, heads averaged; ``"cosine"``: cosine of hidden states); keep the
     head before the ``knee`` (``"kneedle"``, ``"largest_drop"``, ``"iqr"``), at
-    least ``min_tokens`` and at most ``max_tokens`` per image.
+    least ``min_tokens`` and at most ``max_tokens`` per image. On Qwen-VL (no CLS)
+    ``"attention"`` means ``"received_attention"``: the mean attention a token's
+    2x2 patches receive from every patch of their image in the tower's last block;
+    ``"cosine"`` means ``"mean_cosine"``: each visual token's cosine to the image's
+    mean token. Kept tokens keep their M-RoPE positions; only image tokens are
+    candidates (video tokens pass whole).
 
     Stage 2 (``stage2``): layers ``0 .. layer-1`` see every stage-1 survivor; the
     attention of layer ``layer-1`` scores the candidates (``"after_system"``:
@@ -82,9 +108,9 @@ def enable_token_pruning(
 
     ``verbose`` logs the counts of each prefill at INFO (always at DEBUG).
     Returns the ``TokenPruner``; its ``last`` and ``records`` hold the kept
-    counts per sample (``SampleCounts``). Raises ValueError for a model without a
-    CLS token in its vision tower (Qwen2-VL, SigLIP towers), for invalid
-    options, and if pruning is already on.
+    counts per sample (``SampleCounts``). Raises ValueError for a model of another
+    family (SigLIP towers such as SmolVLM, Gemma 3), for invalid options, and if
+    pruning is already on.
 
         pruner = enable_token_pruning(model, knee="iqr", layer=3)
     """
@@ -98,8 +124,9 @@ def enable_token_pruning(
         stage2_max_tokens=stage2_max_tokens, stage2_queries=stage2_queries,
         stage2_candidates=stage2_candidates, stage2_keep_ratio=stage2_keep_ratio, verbose=verbose,
     )
-    TokenPruner.check_model(model, options)
-    pruner = TokenPruner(model, options)
+    cls = QwenVLTokenPruner if type(model).__name__ in QWEN_SUPPORTED else TokenPruner
+    cls.check_model(model, options)
+    pruner = cls(model, options)
     pruner.attach()
     set_attached(model, pruner)
     return pruner

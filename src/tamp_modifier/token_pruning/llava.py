@@ -42,7 +42,11 @@ __all__ = ["TokenPruner", "TokenPruningOptions"]
 
 _ATTR = "_tamp_token_pruner"
 _SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-SIMILARITIES = ("attention", "cosine")
+QWEN_SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                  "Qwen3VLForConditionalGeneration")
+# "attention"/"cosine" are read by the tower: against CLS where it has one (LLaVA), else as their CLS-free
+# forms "received_attention"/"mean_cosine" (Qwen-VL, see qwen_vl.py), which can also be named outright.
+SIMILARITIES = ("attention", "cosine", "received_attention", "mean_cosine")
 STAGE2_QUERIES = ("question", "all")
 STAGE2_CANDIDATES = ("after_system", "visual")
 
@@ -103,6 +107,8 @@ class _Prefill:
     index2: torch.Tensor | None = None  # [B, L2] stage-2 survivors, positions in the L1 layout
     valid2: torch.Tensor | None = None  # [B, L2]
     pruned_mask: object = None  # the 4-D mask of the pruned layers (built once)
+    deepstack: list | None = None  # Qwen3-VL: per DeepStack layer, the features of the visual slots
+    visual_mask: torch.Tensor | None = None  # [B, L1] the slots those features are added to
 
 
 @dataclass
@@ -140,6 +146,10 @@ class TokenPruner:
     records: list[SampleCounts] = field(default_factory=list, repr=False)
     last: list[SampleCounts] = field(default_factory=list, repr=False)
 
+    # whether stage 1 hands the language model explicit position ids even when it keeps every token
+    # (LLaVA's are the plain 0..n-1 the language model makes itself; Qwen's M-RoPE ones are not)
+    _always_pass_positions = False
+
     def __post_init__(self):
         self._handles = []
         self._ctx = None
@@ -149,8 +159,12 @@ class TokenPruner:
         self._lm = mm.language_model
         self._layers = list(self._lm.layers)
         self._signature = inspect.signature(mm.forward)
+        self._setup()
+
+    def _setup(self) -> None:
+        """What the model-specific hooks need, found once."""
         self._is_next = type(self.model).__name__ == "LlavaNextForConditionalGeneration"
-        self._vision_layers = _vision_layers(mm.vision_tower)
+        self._vision_layers = _vision_layers(self._mm.vision_tower)
 
     # ------------------------------------------------------------------ set-up
 
@@ -159,14 +173,14 @@ class TokenPruner:
         """Raise a ValueError naming the problem if ``model`` cannot take these options."""
         name = type(model).__name__
         if name not in _SUPPORTED:
-            no_cls = "Qwen" in name or not hasattr(getattr(model, "model", None), "vision_tower")
-            reason = (
-                f"{name}'s vision encoder has no CLS token, and stage 1 scores visual tokens by their "
-                "similarity to CLS" if no_cls else f"{name} is not a LLaVA-family model"
-            )
             raise ValueError(
-                f"token pruning supports {' and '.join(_SUPPORTED)}; {reason}. "
-                "Use a LLaVA / LLaVA-NeXT checkpoint with a CLIP vision tower."
+                f"token pruning supports {', '.join(_SUPPORTED + QWEN_SUPPORTED)}; {name} is none of them "
+                "(its tower, merger and position ids have not been mapped). Use a model of those families"
+            )
+        if options.similarity not in ("attention", "cosine"):
+            raise ValueError(
+                f"similarity={options.similarity!r} is the score of towers without a CLS token (Qwen-VL); "
+                f"{name} has one: use similarity='attention' or 'cosine'"
             )
         tower = model.model.vision_tower
         if options.stage1 and getattr(getattr(tower, "embeddings", None), "class_embedding", None) is None:
@@ -176,12 +190,6 @@ class TokenPruner:
                 "prune inside the language model only"
             )
         _vision_layers(tower)
-        n = model.config.text_config.num_hidden_layers
-        if options.stage2 and not 1 <= options.layer <= n - 1:
-            raise ValueError(
-                f"layer={options.layer}: stage 2 needs 1 <= layer <= {n - 1} for a language model of {n} "
-                "layers (layers before it see every token, the attention of layer-1 scores them)"
-            )
         if options.stage1:
             layer = model.config.vision_feature_layer
             layers = layer if isinstance(layer, (list, tuple)) else [layer]
@@ -193,6 +201,17 @@ class TokenPruner:
                     if options.similarity == "attention" else
                     f"vision_feature_layer={layer} reads the vision embeddings; stage 1 is not defined there"
                 )
+        cls._check_stage2(model, options)
+
+    @classmethod
+    def _check_stage2(cls, model, options: TokenPruningOptions) -> None:
+        """The checks of stage 2, which any decoder of Llama-style layers shares."""
+        n = model.config.text_config.num_hidden_layers
+        if options.stage2 and not 1 <= options.layer <= n - 1:
+            raise ValueError(
+                f"layer={options.layer}: stage 2 needs 1 <= layer <= {n - 1} for a language model of {n} "
+                "layers (layers before it see every token, the attention of layer-1 scores them)"
+            )
         if options.stage2 and model.config.text_config._attn_implementation != "eager":
             attn = model.model.language_model.layers[options.layer - 1].self_attn
             if hasattr(attn, "q_norm") or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "scaling")):
@@ -230,6 +249,16 @@ class TokenPruner:
         """Forget the recorded counts."""
         self.records.clear()
         self.last = []
+
+    def stage1_scores(self, **inputs) -> list[torch.Tensor]:
+        """Per image of ``inputs`` (what the model's forward takes), the stage-1 score of each of its
+        visual tokens in placeholder order: what the knee cuts. Runs the vision tower only.
+
+            scores = pruner.stage1_scores(**batch)   # [tensor of 64 scores], one per image
+        """
+        with torch.no_grad():
+            _, scores, _ = self._image_features(self._mm, self._bind((), inputs))
+        return scores
 
     @staticmethod
     def _refuse_labels(module, args, kwargs):
@@ -343,10 +372,36 @@ class TokenPruner:
             embeds = module.get_input_embeddings()(input_ids)
         features, scores, forced = self._image_features(module, kw)
         flat = torch.cat(features, 0).to(embeds.device, embeds.dtype)
-        image = module.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=flat)[..., 0]
+        image = module.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=flat)
+        image = (image[0] if isinstance(image, tuple) else image)[..., 0]  # Qwen's: (image, video) masks
         embeds = embeds.masked_scatter(image[..., None], flat)
         self._features = features
 
+        keep_image = self._stage1_keep(scores, forced)
+        keep = valid.clone()
+        keep[image] = keep_image.to(device)
+        keep &= valid
+
+        position_ids = self._prefill_positions(module, kw, embeds)
+        ctx = _Prefill(tokens=valid.sum(1), visual=(image & valid).sum(1), valid=valid, image=image,
+                       orig_len=n, mask1=mask if mask is not None else valid.long())
+        out = dict(kw, input_ids=None, pixel_values=None, inputs_embeds=embeds)
+        if self._always_pass_positions:
+            out["position_ids"] = position_ids
+        if not torch.equal(keep, valid):
+            index, new_valid = repack(keep)
+            ctx.valid, ctx.image = new_valid, gather_tokens(image, index) & new_valid
+            ctx.columns = index
+            ctx.mask1 = new_valid.long()
+            out.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=ctx.mask1,
+                       position_ids=gather_positions(position_ids, index))
+        self._ctx = ctx
+        self._stage1_done(ctx, keep_image, image)
+        return (), out
+
+    def _stage1_keep(self, scores: list, forced: list) -> torch.Tensor:
+        """Per image, the knee cut of its scores (the ``forced`` ones always kept), concatenated in
+        placeholder order: row-major, the order in which masked_scatter filled the image slots."""
         o = self.options
         keep_img = []
         for s, f in zip(scores, forced):
@@ -355,25 +410,18 @@ class TokenPruner:
             if cand.any():
                 keep[cand] = keep_mask(s[cand], o.knee, o.min_tokens, o.max_tokens)
             keep_img.append(keep)
-        keep = valid.clone()
-        keep[image] = torch.cat(keep_img).to(device)  # row-major, the order masked_scatter filled them
-        keep &= valid
+        return torch.cat(keep_img)
 
+    def _prefill_positions(self, module, kw, embeds) -> torch.Tensor:
+        """The position ids the unpruned prompt gets, to be gathered for the kept tokens."""
         position_ids = kw.get("position_ids")
         if position_ids is None:  # what the language model would use: 0..n-1, padding included
-            position_ids = torch.arange(n, device=device)[None].expand(b, n)
-        ctx = _Prefill(tokens=valid.sum(1), visual=(image & valid).sum(1), valid=valid, image=image,
-                       orig_len=n, mask1=mask if mask is not None else valid.long())
-        out = dict(kw, input_ids=None, pixel_values=None, inputs_embeds=embeds)
-        if not torch.equal(keep, valid):
-            index, new_valid = repack(keep)
-            ctx.valid, ctx.image = new_valid, gather_tokens(image, index) & new_valid
-            ctx.columns = index
-            ctx.mask1 = new_valid.long()
-            out.update(inputs_embeds=gather_tokens(embeds, index), attention_mask=ctx.mask1,
-                       position_ids=gather_tokens(position_ids, index))
-        self._ctx = ctx
-        return (), out
+            b, n = embeds.shape[:2]
+            position_ids = torch.arange(n, device=embeds.device)[None].expand(b, n)
+        return position_ids
+
+    def _stage1_done(self, ctx: _Prefill, keep_image: torch.Tensor, image: torch.Tensor) -> None:
+        """Called once stage 1 has chosen its tokens (``keep_image``: per image slot, row-major)."""
 
     def _image_features(self, module, kw):
         """Per image: projected features, stage-1 scores and always-kept flags, in placeholder order."""
@@ -469,14 +517,18 @@ class TokenPruner:
             tail = torch.ones(b, gen.seen + q, dtype=gen.mask1.dtype, device=gen.mask1.device)
             mask1 = torch.cat([gen.mask1, tail], 1)
         position_ids = kw.get("position_ids")
-        if position_ids is None:  # the unpruned model's default: past length + 0..q-1
-            position_ids = (torch.arange(q, device=ref.device) + gen.orig_len + gen.seen)[None].expand(b, q)
+        if position_ids is None:
+            position_ids = self._decode_positions(mask, gen.orig_len + gen.seen, b, q, ref.device)
         gen.seen += q
         ctx = _Decode(mask1=mask1)
         if gen.valid2 is not None:
             ctx.pruned_mask2d = torch.cat([gen.valid2.to(mask1.dtype), mask1[:, l1:]], 1)
         self._ctx = ctx
         return (), dict(kw, attention_mask=mask1, position_ids=position_ids)
+
+    def _decode_positions(self, mask, past: int, b: int, q: int, device) -> torch.Tensor:
+        """The unpruned model's default position ids for ``q`` new tokens after ``past`` ones."""
+        return (torch.arange(q, device=device) + past)[None].expand(b, q)
 
     # ------------------------------------------------------------------ stage 2
 
@@ -573,6 +625,14 @@ class TokenPruner:
             past_key_values=kwargs.get("past_key_values"), position_ids=position_ids,
             layer_idx=self.options.layer,
         )
+
+
+def gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The position ids of the kept slots: ``[B, L]`` (or ``[1, L]``) as ``gather_tokens``; Qwen's
+    M-RoPE ``[R, B, L]`` (R = 3 axes, or 4 with generate's text row first) gathered per row."""
+    if position_ids.dim() == 2:
+        return gather_tokens(position_ids, index)
+    return torch.stack([gather_tokens(p, index) for p in position_ids])
 
 
 def _vision_layers(tower) -> list:
