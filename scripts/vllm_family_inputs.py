@@ -1,0 +1,77 @@
+"""Give each tiny family model of ``vllm_families.py build`` its real processor, and the inputs it makes.
+
+Runs in the vLLM environment (transformers 5.19, with torchvision, which Qwen's video processor
+needs); imports nothing of this project:
+
+    .venv-vllm/bin/python scripts/vllm_family_inputs.py DIR/FAMILY [DIR/FAMILY ...]
+
+For each folder: builds the family's transformers processor (image processor sized to the tiny
+tower, the saved tokenizer and chat template), saves it into ``FAMILY/dense`` (``tamp-prune``
+copies those files into every checkpoint it writes), then runs it on each chat of
+``questions.json`` as vLLM does (``apply_chat_template`` with the generation prompt, then the
+processor on that text and the image) and saves the result, chat ``i``'s tensors under ``i/NAME``,
+as ``FAMILY/inputs.safetensors``: the inputs transformers is run on in ``vllm_families.py
+reference``, and those vLLM builds itself from the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _qwen_processor(folder: Path, config: dict, family: str):
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vision = config["vision_config"]
+    p, m, t = vision["patch_size"], vision["spatial_merge_size"], vision["temporal_patch_size"]
+    # 32 x 32 to 64 x 64 pixels: the 64 x 64 images sent are taken as they are (no resize).
+    size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
+    kwargs = dict(patch_size=p, merge_size=m, temporal_patch_size=t, size=size)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    return cls(image_processor=Qwen2VLImageProcessor(**kwargs), tokenizer=tokenizer,
+               video_processor=Qwen2VLVideoProcessor(**kwargs), chat_template=tokenizer.chat_template)
+
+
+PROCESSORS = {"qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor}
+
+
+def main(argv: list[str]) -> int:
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    for given in argv:
+        folder = Path(given)
+        family = folder.name
+        dense = folder / "dense"
+        config = json.loads((dense / "config.json").read_text())
+        processor = PROCESSORS[family](dense, config, family)
+        processor.save_pretrained(dense)
+        questions = json.loads((folder / "questions.json").read_text())
+        tensors = {}
+        for i, q in enumerate(questions):
+            content = [{"type": "image"}, {"type": "text", "text": q["prompt"]}]
+            messages = [{"role": "user", "content": content}]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True)
+            image = Image.open(folder / q["image"]).convert("RGB")
+            out = processor(text=[text], images=[image], return_tensors="pt")
+            for name, value in out.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{i}/{name}"] = value.contiguous()
+        save_file(tensors, folder / "inputs.safetensors")
+        names = sorted({k.split("/", 1)[1] for k in tensors})
+        print(f"vllm_family_inputs: {family}: {type(processor).__name__} saved; {len(questions)} chats -> "
+              f"{', '.join(names)} (first prompt {tensors['0/input_ids'].shape[1]} tokens)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
