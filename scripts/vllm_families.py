@@ -62,6 +62,7 @@ _QWEN_TEMPLATE = (
 FAMILY_SPECS = {
     "qwen2_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),  # 16 x 16 patches of 4, merged 2 x 2: 64 tokens
     "qwen2_5_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),
+    "qwen3_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),
 }
 
 

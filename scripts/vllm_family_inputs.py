@@ -22,9 +22,10 @@ from pathlib import Path
 
 
 def _qwen_processor(folder: Path, config: dict, family: str):
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     vision = config["vision_config"]
     p, m, t = vision["patch_size"], vision["spatial_merge_size"], vision["temporal_patch_size"]
@@ -32,12 +33,14 @@ def _qwen_processor(folder: Path, config: dict, family: str):
     size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
     kwargs = dict(patch_size=p, merge_size=m, temporal_patch_size=t, size=size)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    cls, video = {"qwen2_vl": (Qwen2VLProcessor, Qwen2VLVideoProcessor),
+                  "qwen2_5_vl": (Qwen2_5_VLProcessor, Qwen2VLVideoProcessor),
+                  "qwen3_vl": (Qwen3VLProcessor, Qwen3VLVideoProcessor)}[family]
     return cls(image_processor=Qwen2VLImageProcessor(**kwargs), tokenizer=tokenizer,
-               video_processor=Qwen2VLVideoProcessor(**kwargs), chat_template=tokenizer.chat_template)
+               video_processor=video(**kwargs), chat_template=tokenizer.chat_template)
 
 
-PROCESSORS = {"qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor}
+PROCESSORS = {"qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor, "qwen3_vl": _qwen_processor}
 
 
 def main(argv: list[str]) -> int:
