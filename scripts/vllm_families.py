@@ -52,17 +52,23 @@ WORDS = 4  # text words per chat, after the image
 # Qwen's real placeholder names (what its processors and vLLM's Qwen code look up).
 _QWEN_TOKENS = {"image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>",
                 "vision_end": "<|vision_end|>"}
-_QWEN_TEMPLATE = (
-    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item['type'] == 'text' %} {{ item['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
-)
+
+
+def _template(image: str) -> str:
+    """A chat template writing each image as ``image`` and each text as its words (no roles)."""
+    return ("{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+            "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image
+            + "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "{% endfor %}")
+
+
+_QWEN_TEMPLATE = _template("<|vision_start|><|image_pad|><|vision_end|>")
 # family -> (placeholder names by synthetic's special id, chat template, image side in pixels)
 FAMILY_SPECS = {
     "qwen2_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),  # 16 x 16 patches of 4, merged 2 x 2: 64 tokens
     "qwen2_5_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),
     "qwen3_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),
+    "llava_next": ({"image": "<image>"}, _template("<image>"), 24),  # its tower's size: one anyres tile
 }
 
 

@@ -40,7 +40,23 @@ def _qwen_processor(folder: Path, config: dict, family: str):
                video_processor=video(**kwargs), chat_template=tokenizer.chat_template)
 
 
-PROCESSORS = {"qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor, "qwen3_vl": _qwen_processor}
+def _llava_next_processor(folder: Path, config: dict, family: str):
+    from transformers import AutoTokenizer, LlavaNextImageProcessor, LlavaNextProcessor
+
+    vision = config["vision_config"]
+    side = vision["image_size"]
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        image_grid_pinpoints=config["image_grid_pinpoints"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision["patch_size"],
+        vision_feature_select_strategy=config["vision_feature_select_strategy"],
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tokenizer.chat_template)
+
+
+PROCESSORS = {"llava_next": _llava_next_processor, "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor, "qwen3_vl": _qwen_processor}
 
 
 def main(argv: list[str]) -> int:
