@@ -56,7 +56,40 @@ def _llava_next_processor(folder: Path, config: dict, family: str):
         chat_template=tokenizer.chat_template)
 
 
-PROCESSORS = {"llava_next": _llava_next_processor, "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor, "qwen3_vl": _qwen_processor}
+def _llava_onevision_processor(folder: Path, config: dict, family: str):
+    from transformers import AutoTokenizer, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+
+    vision = config["vision_config"]
+    side = vision["image_size"]
+    sizes = dict(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(image_grid_pinpoints=config["image_grid_pinpoints"],
+                                                     **sizes),
+        tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(**sizes),
+        num_image_tokens=(side // vision["patch_size"]) ** 2,
+        vision_feature_select_strategy=config["vision_feature_select_strategy"],
+        vision_aspect_ratio=config["vision_aspect_ratio"], chat_template=tokenizer.chat_template)
+
+
+def _gemma3_processor(folder: Path, config: dict, family: str):
+    from transformers import AutoTokenizer, Gemma3ImageProcessor, Gemma3Processor
+
+    side = config["vision_config"]["image_size"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3,
+                                             image_std=[0.5] * 3),
+        tokenizer=tokenizer, image_seq_length=config["mm_tokens_per_image"],
+        chat_template=tokenizer.chat_template)
+
+
+PROCESSORS = {"llava_next": _llava_next_processor, "llava_onevision": _llava_onevision_processor,
+              "gemma3": _gemma3_processor, "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor,
+              "qwen3_vl": _qwen_processor}
 
 
 def main(argv: list[str]) -> int:
