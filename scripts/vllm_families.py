@@ -78,6 +78,14 @@ FAMILY_SPECS = {
                 "vision_start": ("boi_token", "<start_of_image>"),
                 "vision_end": ("eoi_token", "<end_of_image>")},
                _template("<start_of_image>"), 32),
+    # InternVL: its processor expands <IMG_CONTEXT> to <img>, the image's tokens, </img>.
+    "internvl": ({"image": ("context_image_token", "<IMG_CONTEXT>"), "video": ("video_token", "<video>"),
+                  "vision_start": ("start_image_token", "<img>"),
+                  "vision_end": ("end_image_token", "</img>")},
+                 _template("<IMG_CONTEXT>"), 32),
+    # Mistral 3 (Pixtral's processor): [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END].
+    "mistral3": ({"image": ("image_token", "[IMG]"), "vision_start": ("image_break_token", "[IMG_BREAK]"),
+                  "vision_end": ("image_end_token", "[IMG_END]")}, _template("[IMG]"), 32),
 }
 
 

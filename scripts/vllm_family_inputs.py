@@ -87,8 +87,38 @@ def _gemma3_processor(folder: Path, config: dict, family: str):
         chat_template=tokenizer.chat_template)
 
 
+def _internvl_processor(folder: Path, config: dict, family: str):
+    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    vision = config["vision_config"]
+    side, patch = vision["image_size"][0], vision["patch_size"][0]
+    sizes = dict(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(crop_to_patches=False, **sizes), tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(**sizes),
+        image_seq_length=int((side // patch) ** 2 * config["downsample_ratio"] ** 2),
+        chat_template=tokenizer.chat_template)
+
+
+def _mistral3_processor(folder: Path, config: dict, family: str):
+    from transformers import AutoTokenizer, PixtralImageProcessor, PixtralProcessor
+
+    vision = config["vision_config"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": vision["image_size"]},
+                                              patch_size={"height": vision["patch_size"],
+                                                          "width": vision["patch_size"]},
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tokenizer, patch_size=vision["patch_size"], spatial_merge_size=config["spatial_merge_size"],
+        chat_template=tokenizer.chat_template)
+
+
 PROCESSORS = {"llava_next": _llava_next_processor, "llava_onevision": _llava_onevision_processor,
-              "gemma3": _gemma3_processor, "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor,
+              "gemma3": _gemma3_processor, "internvl": _internvl_processor, "mistral3": _mistral3_processor,
+              "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor,
               "qwen3_vl": _qwen_processor}
 
 
