@@ -65,6 +65,10 @@ def _template(image: str) -> str:
 
 
 _QWEN_TEMPLATE = _template("<|vision_start|><|image_pad|><|vision_end|>")
+_IDEFICS3_TOKENS = {"image": ("image_token", "<image>"),
+                    "vision_start": ("fake_image_token", "<fake_token_around_image>"),
+                    "vision_end": ("global_image_token", "<global-img>"),
+                    "video": ("end_of_utterance_token", "<end_of_utterance>")}
 # family -> (placeholder names by synthetic's special id, chat template, image side in pixels)
 FAMILY_SPECS = {
     "qwen2_vl": (_QWEN_TOKENS, _QWEN_TEMPLATE, 64),  # 16 x 16 patches of 4, merged 2 x 2: 64 tokens
@@ -86,6 +90,10 @@ FAMILY_SPECS = {
     # Mistral 3 (Pixtral's processor): [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END].
     "mistral3": ({"image": ("image_token", "[IMG]"), "vision_start": ("image_break_token", "[IMG_BREAK]"),
                   "vision_end": ("image_end_token", "[IMG_END]")}, _template("[IMG]"), 32),
+    # Idefics3 and SmolVLM (one image, not split into tiles): <fake_token_around_image><global-img>,
+    # the image's tokens, <fake_token_around_image>.
+    "idefics3": (_IDEFICS3_TOKENS, _template("<image>"), 32),
+    "smolvlm": (_IDEFICS3_TOKENS, _template("<image>"), 32),
 }
 
 

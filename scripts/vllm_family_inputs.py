@@ -116,10 +116,34 @@ def _mistral3_processor(folder: Path, config: dict, family: str):
         chat_template=tokenizer.chat_template)
 
 
+def _idefics3_processor(folder: Path, config: dict, family: str):
+    from transformers import (
+        AutoTokenizer,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+    )
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    vision = config["vision_config"]
+    side = vision["image_size"]
+    sizes = dict(size={"longest_edge": side}, max_image_size={"longest_edge": side}, do_image_splitting=False,
+                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    seq_len = int((side // vision["patch_size"]) ** 2 / config["scale_factor"] ** 2)
+    if family == "idefics3":
+        return Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes), tokenizer=tokenizer,
+                                 image_seq_len=seq_len, chat_template=tokenizer.chat_template)
+    return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes), tokenizer=tokenizer,
+                            video_processor=SmolVLMVideoProcessor(**sizes), image_seq_len=seq_len,
+                            chat_template=tokenizer.chat_template)
+
+
 PROCESSORS = {"llava_next": _llava_next_processor, "llava_onevision": _llava_onevision_processor,
+              "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor, "qwen3_vl": _qwen_processor,
               "gemma3": _gemma3_processor, "internvl": _internvl_processor, "mistral3": _mistral3_processor,
-              "qwen2_vl": _qwen_processor, "qwen2_5_vl": _qwen_processor,
-              "qwen3_vl": _qwen_processor}
+              "idefics3": _idefics3_processor, "smolvlm": _idefics3_processor}
 
 
 def main(argv: list[str]) -> int:
