@@ -2,7 +2,7 @@
 # Prune the demo with the recipes users deploy and check that real vLLM serves every checkpoint,
 # answering as transformers does (run by .ci/run):
 #
-#     bash scripts/vllm_serve_check.sh [WORK_DIR]          # default vllm-check-out; about 12 minutes
+#     bash scripts/vllm_serve_check.sh [WORK_DIR]          # default vllm-check-out; about 18 minutes
 #
 # Needs the project's environment in .venv (README set-up) and vLLM's in .venv-vllm
 # (bash scripts/vllm_env.sh); PROJECT_PYTHON and VLLM_PYTHON point elsewhere. Checks the shipped
