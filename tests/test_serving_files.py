@@ -121,3 +121,39 @@ def test_demo_checkpoints_carry_the_processor_files(tmp_path):
     assert type(AutoProcessor.from_pretrained(out)).__name__ == "LlavaProcessor"
     tower = [k for k in saved_keys(out) if k.startswith("vision_tower.")]
     assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+
+
+def test_fused_layers_vllm_builds_from_ignored_ones_are_named_too():
+    # vLLM fuses q/k/v (and gate/up) into one layer and, for a model class without a
+    # packed_modules_mapping (vLLM 0.32's LLaVA-OneVision), matches the fused name itself.
+    model = build_tiny_model("llava_onevision")
+    attn = "vision_tower.vision_model.encoder.layers.0.self_attn"
+    shards = [f"{attn}.{p}" for p in ("k_proj", "v_proj", "q_proj")]
+    out = ignore_both_namings([*shards, f"{attn}.out_proj"], model)
+    assert [n for n in out if n.startswith("vision_tower.")] == [*shards, f"{attn}.qkv_proj",
+                                                                   f"{attn}.out_proj"]
+    assert "model.vision_tower.encoder.layers.0.self_attn.qkv_proj" in out
+    # Not all shards ignored: no fused name (vLLM requires one scheme for all shards).
+    assert not any(n.endswith("qkv_proj") for n in ignore_both_namings(shards[:2], model))
+    mlp = "model.language_model.layers.0.mlp"
+    assert f"{mlp}.gate_up_proj" in ignore_both_namings([f"{mlp}.gate_proj", f"{mlp}.up_proj"], model)
+    assert ignore_both_namings(["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], model) == [
+        "re:.*q_proj", "re:.*k_proj", "re:.*v_proj"]
+
+
+def test_quantized_llava_onevision_names_vllms_fused_tower_layers_and_reloads_equal(tiny, tmp_path):
+    from conftest import RECIPES, assert_reloads_to_the_same_logits, run_oneshot
+
+    from tamp_modifier.synthetic import make_calibration_dataset
+
+    model, tokenizer, _ = tiny("llava_onevision", weights=True)
+    dataset = make_calibration_dataset(model, 4)
+    out = tmp_path / "w8a8"
+    run_oneshot(model, tokenizer, dataset, str(RECIPES / "tamp_w8a8.yaml"), output_dir=out)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    towers = {n.rsplit(".", 1)[0] for n in ignore if n.startswith("vision_tower.vision_model.encoder.layers.")
+              and n.endswith(".v_proj")}
+    assert towers and {f"{t}.qkv_proj" for t in towers} <= set(ignore)
+    # The language model's Linears are quantized: no fused name of theirs is ignored.
+    assert not any("language_model" in n and n.endswith(("qkv_proj", "gate_up_proj")) for n in ignore)
+    assert_reloads_to_the_same_logits(model, out, dataset[0])

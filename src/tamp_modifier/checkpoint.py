@@ -21,7 +21,14 @@ saved by llm-compressor 0.14 and compressed-tensors 0.19:
   reload with no scales, and the logits are NaN; and an entry vLLM cannot
   match leaves that module to be quantized (FP8: ``<pad>`` for every image
   question, a warning only). ``ignore_both_namings`` lists every entry under
-  both names, the checkpoint's after the prefix rename above.
+  both names, the checkpoint's after the prefix rename above. It also names
+  the fused layers vLLM builds from ignored ones (``self_attn.qkv_proj`` from
+  ``q_proj``, ``k_proj``, ``v_proj``; ``mlp.gate_up_proj``): vLLM matches a
+  fused layer against the list by its shards only where the model class
+  declares the fusion (``packed_modules_mapping``), and vLLM 0.32's
+  LLaVA-OneVision does not, so it quantized the SigLIP tower's ``qkv_proj``
+  and failed at the first image ("mat1 must be a 2D tensor", in
+  ``int8_scaled_mm_with_quant``).
 - vLLM 0.33 has no sparse kernels and raises on a non-empty
   ``sparsity_config``. ``finalize_checkpoint`` never leaves one in
   ``config.json``; the sparsity record lives in ``tamp_report.json`` instead.
@@ -134,6 +141,27 @@ def _weighted_modules(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
 
 
+# vLLM's fused layers (its models' ``packed_modules_mapping``) and the layers each is made of.
+VLLM_FUSED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _with_fused_names(names: list[str]) -> list[str]:
+    """``names`` with each vLLM fused layer all of whose shards are in it, right after the last of
+    its shards' entries."""
+    present = set(names)
+    last = {}  # fused layer -> index of its last shard entry
+    for i, name in enumerate(names):
+        parent, _, leaf = name.rpartition(".")
+        for fused, shards in VLLM_FUSED_LAYERS.items():
+            if not name.startswith("re:") and leaf in shards and f"{parent}.{fused}" not in present \
+                    and all(f"{parent}.{shard}" in present for shard in shards):
+                last[f"{parent}.{fused}"] = i
+    after = {}
+    for fused, i in last.items():
+        after.setdefault(i, []).append(fused)
+    return [n for i, name in enumerate(names) for n in (name, *after.get(i, []))]
+
+
 def ignore_both_namings(ignore: list[str], model: torch.nn.Module) -> list[str]:
     """``ignore`` with every module entry also under its other naming.
 
@@ -141,7 +169,9 @@ def ignore_both_namings(ignore: list[str], model: torch.nn.Module) -> list[str]:
     are kept as they are. An entry in the naming ``save_pretrained`` gave before
     the prefix rename (compressed-tensors writes that one) is replaced by the
     finalized name, which is the one the files have. Order is kept, each added
-    name right after its entry, so a diff of ``config.json`` reads naturally.
+    name right after its entry, so a diff of ``config.json`` reads naturally;
+    then vLLM's fused name (``...qkv_proj``) after the last of its shards, where
+    every shard is ignored (see the module docstring).
     """
     modules = _weighted_modules(model)
     to_checkpoint = checkpoint_names(model, modules)
@@ -156,7 +186,7 @@ def ignore_both_namings(ignore: list[str], model: torch.nn.Module) -> list[str]:
         for name in names:
             if name is not None and name not in out:
                 out.append(name)
-    return out
+    return _with_fused_names(out)
 
 
 def strip_sparsity_config(config: dict) -> dict | None:
