@@ -45,7 +45,7 @@ else
 fi
 question="how many objects are there"
 status=0
-"$VLLM_PYTHON" examples/serve_vllm.py --question "$question" --prompts 64 --max-tokens 32 \
+"$VLLM_PYTHON" examples/serve_vllm.py --question "$question" --prompts 512 --max-tokens 32 \
     --json benchmarks/results/vllm_throughput_demo.json "${demo[@]}" || status=1
 "$VLLM_PYTHON" examples/serve_vllm.py --question "$question" --prompts 16 --max-tokens 32 \
     --json benchmarks/results/vllm_throughput_scaled.json "${scaled[@]}" || status=1
