@@ -116,3 +116,27 @@ def assert_reloads_equal(model, folder):
     assert set(mine) == set(theirs)
     for key in mine:
         assert torch.equal(mine[key], theirs[key]), key
+
+
+def logits(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+def hooks(model) -> dict:
+    return {name: (list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+
+def stage1_only(model, batch):
+    """Token pruning's stage 1 alone on ``batch``: last-position logits, 4 greedy tokens, and the
+    per-row counts; the model restored afterwards."""
+    from tamp_modifier.token_pruning import disable_token_pruning, enable_token_pruning
+
+    pruner = enable_token_pruning(model, stage2=False)
+    try:
+        got = logits(model, batch, logits_to_keep=1)[:, -1]
+        gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        counts = list(pruner.last)
+    finally:
+        disable_token_pruning(model)
+    return got, gen, counts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import hooks, logits, stage1_only
 from transformers import DynamicCache
 
 from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
@@ -46,15 +47,6 @@ def llava_next():
     return build_tiny_model("llava_next", num_layers=3, vision_layers=2, seed=1)
 
 
-def logits(model, batch, **kwargs):
-    with torch.no_grad():
-        return model(**batch, **kwargs).logits
-
-
-def hooks(model) -> dict:
-    return {name: (list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()}
-
-
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_keep_everything_equals_the_unmodified_model_and_disable_restores(family, request):
     model = request.getfixturevalue(family)
@@ -93,13 +85,7 @@ def reference_inputs(model, batch):
 
 def test_stage1_equals_the_unmodified_model_on_the_kept_tokens(llava):
     batch = batch_of(llava, n=3)
-    pruner = enable_token_pruning(llava, stage2=False)
-    try:
-        got = logits(llava, batch, logits_to_keep=1)[:, -1]
-        gen = llava.generate(**batch, max_new_tokens=4, do_sample=False)
-        counts = list(pruner.last)
-    finally:
-        disable_token_pruning(llava)
+    got, gen, counts = stage1_only(llava, batch)
     assert len({c.stage1_tokens for c in counts}) > 1, "the batch should need re-padding"
     embeds, image = reference_inputs(llava, batch)
     mask = batch["attention_mask"]

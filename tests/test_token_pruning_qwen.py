@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import hooks, logits, stage1_only
 from transformers import AutoModelForImageTextToText
 
 from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
@@ -51,15 +52,6 @@ def batch_of(model, layouts=(((8, 8),), ((8, 8), (4, 8)), ((8, 12),)), seed=0):
 @pytest.fixture(scope="module")
 def models():
     return {f: build_tiny_model(f, num_layers=3, vision_layers=2, seed=i) for i, f in enumerate(FAMILIES)}
-
-
-def logits(model, batch, **kwargs):
-    with torch.no_grad():
-        return model(**batch, **kwargs).logits
-
-
-def hooks(model) -> dict:
-    return {name: (list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,13 +117,7 @@ def test_stage1_equals_the_unmodified_language_model_on_the_kept_tokens(family, 
     features), fed by hand to the unmodified language model: the same logits and greedy tokens."""
     model = models[family]
     batch = batch_of(model, seed=4)
-    pruner = enable_token_pruning(model, stage2=False)
-    try:
-        got = logits(model, batch, logits_to_keep=1)[:, -1]
-        gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
-        counts = list(pruner.last)
-    finally:
-        disable_token_pruning(model)
+    got, gen, counts = stage1_only(model, batch)
     assert len({c.stage1_tokens for c in counts}) > 1, "the batch should need re-padding"
     embeds, image, pos, deepstack = reference_inputs(model, batch)
     b, width = len(counts), max(c.stage1_tokens for c in counts)
