@@ -180,6 +180,9 @@ def reference(args) -> int:
     for given in args.checkpoints:
         path = Path(given).resolve()
         quantized = _is_quantized(path)
+        if quantized and not checkpoints:
+            raise SystemExit(f"vllm_families: {path}: list the unquantized checkpoint first (its bfloat16 "
+                             "shift sets the bar for the quantized ones)")
         model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager").eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         # The same model in bfloat16 (unquantized checkpoints): how far bfloat16 alone moves a log-prob.

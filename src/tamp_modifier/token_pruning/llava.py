@@ -258,6 +258,7 @@ class TokenPruner:
         """
         with torch.no_grad():
             _, scores, _ = self._image_features(self._mm, self._bind((), inputs))
+        self.__dict__.pop("_deepstack_features", None)  # Qwen3-VL's: only a prefill uses them
         return scores
 
     @staticmethod
