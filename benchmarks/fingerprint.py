@@ -12,7 +12,8 @@ Runs, each on a fresh model: the shipped demo model (calibration seed 0) and the
 random ~60M-parameter LLaVA of ``benchmarks/speed.py``, with DAS alone
 (profiling), DAS + Wanda, AMIA, TAMP (DAS + AMIA) and AMIA 2:4. For each it keeps
 every language-model Linear's zero mask, DAS's per-layer score and ratio, and
-AMIA's selected-token counts. ``--compare`` prints the number of differing mask
+AMIA's selected-token counts, and the whole attached report with its timings
+left out. ``--compare`` prints the number of differing mask
 entries and the largest score difference per run, and exits 1 if anything
 differs.
 """
@@ -25,6 +26,9 @@ import sys
 
 RUNS = ("das", "das+wanda", "amia", "tamp", "amia_2of4")
 MODELS = ("demo", "random")
+# Tiny models of other families (``--models qwen2_vl gemma3 ...``): their placement and modality
+# labels go through code the two defaults do not.
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_omni", "gemma3", "qwen2_audio", "smolvlm")
 
 
 def recipe(run: str) -> list:
@@ -52,8 +56,18 @@ def inputs(name: str, samples: int):
         return model, tokenizer, demo_calibration_set(tokenizer, samples, 0), None
     import tempfile
 
-    from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.synthetic import (
+        build_random_vlm,
+        build_tiny_model,
+        make_calibration_dataset,
+        save_tiny_model,
+    )
 
+    if name in TINY_FAMILIES:
+        model = build_tiny_model(name, seed=0)
+        folder = tempfile.TemporaryDirectory()
+        tokenizer = save_tiny_model(model, folder.name)
+        return model, tokenizer, make_calibration_dataset(model, samples, seed=0), folder
     model = build_random_vlm(target_params=int(60e6), seed=0)
     folder = tempfile.TemporaryDirectory()
     tokenizer = save_tiny_model(model, folder.name)
@@ -82,8 +96,18 @@ def fingerprint(name: str, run: str, samples: int) -> dict:
         "scores": {n: v["score"] for n, v in das.items()},
         "ratios": {n: v["assigned"] for n, v in das.items()},
         "selected": {n: v["selected"] for n, v in amia.items()},
+        "report": without_timings(report),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def without_timings(value):
+    """A deep copy of a report without its wall-clock figures, which differ between runs."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
 
 
 def compare(old_path: str, new_path: str) -> int:
@@ -100,12 +124,14 @@ def compare(old_path: str, new_path: str) -> int:
         differing = sum(int((a["masks"][n] != b["masks"][n]).sum()) for n in a["masks"])
         entries = sum(m.numel() for m in a["masks"].values())
         score_gap = max((abs(a["scores"][n] - b["scores"][n]) for n in a["scores"]), default=0.0)
+        reports_equal = a.get("report") == b.get("report")
         same = (differing == 0 and a["scores"] == b["scores"] and a["ratios"] == b["ratios"]
-                and a["selected"] == b["selected"])
+                and a["selected"] == b["selected"] and reports_equal)
         bad += not same
         print(f"{key}: {differing} of {entries} mask entries differ; largest score difference "
               f"{score_gap:.3g}; ratios {'equal' if a['ratios'] == b['ratios'] else 'DIFFER'}; "
-              f"selected counts {'equal' if a['selected'] == b['selected'] else 'DIFFER'}")
+              f"selected counts {'equal' if a['selected'] == b['selected'] else 'DIFFER'}; "
+              f"reports {'equal' if reports_equal else 'DIFFER'}")
     print("identical" if not bad else f"{bad} run(s) differ")
     return 1 if bad else 0
 
@@ -115,7 +141,8 @@ def main() -> int:
     p.add_argument("--dump", help="write this version's fingerprints here (torch.save)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two dumps")
     p.add_argument("--samples", type=int, default=16, help="calibration samples per run")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=MODELS + TINY_FAMILIES,
+                   default=list(MODELS))
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     args = p.parse_args()
     if args.compare:
