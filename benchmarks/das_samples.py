@@ -48,9 +48,9 @@ def das_run(name: str, total: int, profile_samples: int | None) -> dict:
     from llmcompressor import oneshot
 
     from tamp_modifier import DiversityAwareSparsity
-    from tamp_modifier.data import collate_rows
-    from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
-    from tamp_modifier.report import attached_report
+    from tamp_modifier.calibration_data import collate_rows
+    from tamp_modifier.report.sections import attached_report
+    from tamp_modifier.text_decoder import TOWER_IGNORE, text_decoder_layer_class
 
     sys.path.insert(0, os.path.dirname(__file__))
     from fingerprint import inputs

@@ -6,7 +6,7 @@ in fresh processes:
     1x1   one process, one thread
     1x2   one process, two threads (all of a 2-core machine)
     2x1   ``torchrun --nproc_per_node 2`` (gloo), one thread per rank, each rank
-          calibrating on its half of the samples (``tamp_modifier.distributed.rank_share``)
+          calibrating on its half of the samples (``tamp_modifier.modifiers.distributed.rank_share``)
 
 It reports the time of the ``oneshot`` call (for 2x1 the slower rank's, from a
 common start after a barrier) and the end-to-end time of the command (imports,
@@ -54,7 +54,7 @@ def worker(args) -> None:
     from loguru import logger
 
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.distributed import (
+    from tamp_modifier.modifiers.distributed import (
         barrier,
         gather_objects,
         init_distributed,
@@ -63,8 +63,8 @@ def worker(args) -> None:
         rank_share,
         world_size,
     )
-    from tamp_modifier.models import TOWER_IGNORE, language_linears
-    from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.testing.synthetic import build_random_vlm, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.text_decoder import TOWER_IGNORE, language_linears
 
     logger.remove()
     logger.add(sys.stderr, level="WARNING")

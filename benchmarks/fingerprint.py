@@ -35,7 +35,7 @@ def recipe(run: str) -> list:
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.models import TOWER_IGNORE
+    from tamp_modifier.text_decoder import TOWER_IGNORE
 
     pruner = dict(targets=["Linear"], ignore=TOWER_IGNORE)
     return {
@@ -56,7 +56,7 @@ def inputs(name: str, samples: int):
         return model, tokenizer, demo_calibration_set(tokenizer, samples, 0), None
     import tempfile
 
-    from tamp_modifier.synthetic import (
+    from tamp_modifier.testing.synthetic import (
         build_random_vlm,
         build_tiny_model,
         make_calibration_dataset,
@@ -78,9 +78,9 @@ def fingerprint(name: str, run: str, samples: int) -> dict:
     import torch
     from llmcompressor import oneshot
 
-    from tamp_modifier.data import collate_rows
-    from tamp_modifier.models import language_linears, text_decoder_layer_class
-    from tamp_modifier.report import attached_report
+    from tamp_modifier.calibration_data import collate_rows
+    from tamp_modifier.report.sections import attached_report
+    from tamp_modifier.text_decoder import language_linears, text_decoder_layer_class
 
     model, tokenizer, data, _folder = inputs(name, samples)
     oneshot(

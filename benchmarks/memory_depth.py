@@ -50,7 +50,7 @@ def worker(args) -> None:
     quiet_worker()
     import torch
 
-    from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
+    from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset
 
     torch.set_num_threads(args.threads)
     model = build_tiny_model("llava", hidden_size=512, intermediate_size=1536, num_layers=args.depth,

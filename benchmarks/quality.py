@@ -19,7 +19,7 @@ Methods (all prune the language model's Linears; towers, projector, lm_head stay
     magnitude      |W| per output row (no calibration data: one run per setting)
     wanda          llm-compressor's WandaPruningModifier
     sparsegpt      llm-compressor's SparseGPTModifier
-    owl            OWL block ratios (tamp_modifier.baselines) handed to Wanda
+    owl            OWL block ratios (tamp_modifier.testing.baselines) handed to Wanda
     das+wanda      DiversityAwareSparsity, then Wanda at its ratios
     amia           AdaptiveInputActivation alone (uniform ratio)
     tamp           DAS + AMIA (at 2:4: AMIA alone, as the tamp_2of4 recipe)
@@ -76,7 +76,7 @@ def _recipe(method: str, setting: str):
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.models import TOWER_IGNORE
+    from tamp_modifier.text_decoder import TOWER_IGNORE
 
     common = dict(targets=["Linear"], ignore=list(TOWER_IGNORE))
     # Wanda and SparseGPT require `sparsity` even with N:M, and then ignore it.
@@ -102,8 +102,13 @@ def _recipe(method: str, setting: str):
 def _owl_recipe(model, dataset, sparsity: float):
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
-    from tamp_modifier.baselines import input_channel_norms, outlier_ratios, owl_sparsities, owl_sparsity_list
-    from tamp_modifier.models import TOWER_IGNORE
+    from tamp_modifier.testing.baselines import (
+        input_channel_norms,
+        outlier_ratios,
+        owl_sparsities,
+        owl_sparsity_list,
+    )
+    from tamp_modifier.text_decoder import TOWER_IGNORE
 
     norms = input_channel_norms(model, list(dataset))
     blocks = [f"model.language_model.layers.{i}" for i in range(model.config.text_config.num_hidden_layers)]
@@ -121,13 +126,14 @@ def run_one(job: dict) -> dict:
     from llmcompressor import oneshot
 
     import tamp_modifier  # noqa: F401
-    from tamp_modifier.baselines import magnitude_prune
-    from tamp_modifier.data import collate_rows
+    from tamp_modifier.calibration_data import collate_rows
     from tamp_modifier.demo.evaluate import answer_log_probs, compare_with_dense
     from tamp_modifier.demo.model import demo_calibration_set, load_demo_model
     from tamp_modifier.demo.tasks import make_split
-    from tamp_modifier.models import language_linears
-    from tamp_modifier.report import attached_report, pruned_share
+    from tamp_modifier.pruning.sparsity_pattern import pruned_share
+    from tamp_modifier.report.sections import attached_report
+    from tamp_modifier.testing.baselines import magnitude_prune
+    from tamp_modifier.text_decoder import language_linears
 
     method, setting, seed = job["method"], job["setting"], job["seed"]
     model, tokenizer = load_demo_model(job["model"])

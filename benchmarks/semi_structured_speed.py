@@ -1,7 +1,7 @@
 """Dense fp16 against torch's 2:4 semi-structured kernels, on an NVIDIA GPU.
 
 Three measurements, each dense first, then the same weights converted with
-``tamp_modifier.semi_structured.to_semi_structured``:
+``tamp_modifier.deploy.semi_structured.to_semi_structured``:
 
     matmul  one Linear per 7B-model shape (out x in: 11008x4096 gate/up, 4096x11008
             down, 4096x4096 q/k/v/o) at 1, 16, 128 and 2048 tokens
@@ -42,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from tamp_modifier.baselines import magnitude_prune
-from tamp_modifier.semi_structured import resolve_backend, to_semi_structured
+from tamp_modifier.deploy.semi_structured import resolve_backend, to_semi_structured
+from tamp_modifier.testing.baselines import magnitude_prune
 
 PARTS = ("matmul", "demo", "large")
 MATMUL_SHAPES = ((11008, 4096), (4096, 11008), (4096, 4096))

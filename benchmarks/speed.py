@@ -72,7 +72,7 @@ def method_recipe(method: str) -> list:
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.models import TOWER_IGNORE
+    from tamp_modifier.text_decoder import TOWER_IGNORE
 
     pruner = dict(targets=["Linear"], ignore=TOWER_IGNORE)
     return {
@@ -93,8 +93,8 @@ def calibrate(model, tokenizer, data, recipe, max_seq_length: int = 4096) -> tup
     """oneshot on pre-tokenised rows, in order; returns (wall seconds, process CPU seconds)."""
     from llmcompressor import oneshot
 
-    from tamp_modifier.data import collate_rows
-    from tamp_modifier.models import text_decoder_layer_class
+    from tamp_modifier.calibration_data import collate_rows
+    from tamp_modifier.text_decoder import text_decoder_layer_class
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     oneshot(
@@ -108,7 +108,7 @@ def calibrate(model, tokenizer, data, recipe, max_seq_length: int = 4096) -> tup
 
 def measured_calibration(model, data, recipe, max_seq_length: int = 4096) -> dict:
     """``calibrate`` with the memory figures: RSS before oneshot, peak RSS during it (MiB)."""
-    from tamp_modifier.synthetic import save_tiny_model
+    from tamp_modifier.testing.synthetic import save_tiny_model
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = save_tiny_model(model, folder)
@@ -142,8 +142,8 @@ def worker(args):
 
     torch.set_num_threads(CORES)
 
-    from tamp_modifier.report import attached_report
-    from tamp_modifier.synthetic import build_random_vlm, make_calibration_dataset
+    from tamp_modifier.report.sections import attached_report
+    from tamp_modifier.testing.synthetic import build_random_vlm, make_calibration_dataset
 
     model = build_random_vlm(target_params=int(args.target_params), seed=0)
     ds = make_calibration_dataset(model, args.samples, text_tokens=args.text_tokens, seed=0)

@@ -3,7 +3,7 @@
 The CPU benchmark (``benchmarks/speed.py``) runs a 60M model; this one runs the
 same four recipes of ``speed.py`` (50% on the language model's Linears) on a
 random LLaVA-1.5-7B-shaped model (Llama-2-7B text model under a CLIP
-ViT-L/14-336 tower, ``tamp_modifier.synthetic.build_llava_7b_shaped``) in
+ViT-L/14-336 tower, ``tamp_modifier.testing.synthetic.build_llava_7b_shaped``) in
 bfloat16, with 128 calibration samples of 2048 tokens (576 image + 1472 text),
 the paper's setting. Each method runs in its own process; the script times the
 ``oneshot`` call only and reads ``torch.cuda.max_memory_allocated`` over it.
@@ -41,8 +41,12 @@ def worker(args) -> None:
     quiet_worker()
     import torch
 
-    from tamp_modifier.report import attached_report
-    from tamp_modifier.synthetic import build_llava_7b_shaped, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.report.sections import attached_report
+    from tamp_modifier.testing.synthetic import (
+        build_llava_7b_shaped,
+        make_calibration_dataset,
+        save_tiny_model,
+    )
 
     dtype = getattr(torch, args.dtype)
     built = time.perf_counter()

@@ -71,7 +71,7 @@ def _parser():
 
 def tamp_pruned_model(folder: str | None):
     """The demo model pruned by the shipped ``tamp`` recipe, with tamp-prune's own functions."""
-    from tamp_modifier import cli
+    from tamp_modifier.cli import run as cli
 
     if folder and (Path(folder) / "config.json").is_file():
         return load_demo_model(folder)[0]

@@ -39,7 +39,7 @@ import torch
 from loguru import logger
 
 from tamp_modifier.demo.tasks import IMAGE_FAMILIES, make_split, vocabulary
-from tamp_modifier.synthetic import build_tiny_model
+from tamp_modifier.testing.synthetic import build_tiny_model
 from tamp_modifier.token_pruning import disable_token_pruning, enable_token_pruning, keep_mask
 
 RESULTS = Path(__file__).resolve().parent / "results"

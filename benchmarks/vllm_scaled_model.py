@@ -47,8 +47,8 @@ def build(output: Path, seed: int = 0) -> None:
         LlavaProcessor,
     )
 
-    from tamp_modifier.checkpoint import rename_saved_weights
     from tamp_modifier.demo.model import CHAT_TEMPLATE, build_demo_tokenizer
+    from tamp_modifier.deploy.checkpoint import rename_saved_weights
 
     vision = CLIPVisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
                               image_size=224, patch_size=14, projection_dim=512)

@@ -20,7 +20,7 @@ prune() {  # prune OUTPUT RECIPE [tamp-prune arguments...]
     local output="$1" recipe="$2"
     shift 2
     [ -f "$output/config.json" ] && return 0
-    "$PROJECT_PYTHON" -m tamp_modifier.cli "$@" --recipe "$recipe" --output "$output" > "$output.log" 2>&1 \
+    "$PROJECT_PYTHON" -m tamp_modifier.cli.run "$@" --recipe "$recipe" --output "$output" > "$output.log" 2>&1 \
         || { tail -20 "$output.log"; exit 1; }
 }
 

@@ -27,8 +27,8 @@ from llmcompressor import oneshot
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import tamp_modifier  # noqa: F401  registers TAMP's modifiers for the YAML recipe
-from tamp_modifier.data import collate_rows
-from tamp_modifier.models import text_decoder_layer_class
+from tamp_modifier.calibration_data import collate_rows
+from tamp_modifier.text_decoder import text_decoder_layer_class
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -17,7 +17,7 @@ or as an OpenAI-compatible server, with nothing of ours installed:
 What to expect: vLLM has no sparse-weight kernels, so pruned weights run through the dense
 (BF16) or quantized (FP8, INT8, 4-bit) kernels at the same speed as an unpruned model of that
 format; quantization is what buys speed and memory. For 2:4 speed, see
-tamp_modifier.semi_structured (torch's own kernels, outside vLLM). The script prints prefill and
+tamp_modifier.deploy.semi_structured (torch's own kernels, outside vLLM). The script prints prefill and
 decode throughput of each model given, on the same prompts, so you can see it on your machine.
 """
 

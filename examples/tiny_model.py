@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tamp_modifier.synthetic import build_tiny_model, build_tiny_processor
+from tamp_modifier.testing.synthetic import build_tiny_model, build_tiny_processor
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 

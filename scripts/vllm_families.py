@@ -7,7 +7,7 @@ Runs in the project's environment (transformers 5.17); ``scripts/vllm_families.s
     python scripts/vllm_families.py reference DIR/FAMILY CHECKPOINT [CHECKPOINT ...]
 
 ``build`` writes, per family, ``DIR/FAMILY/dense``: a random model from
-``tamp_modifier.synthetic`` at a width vLLM's CPU attention takes (text head size 32), saved with a
+``tamp_modifier.testing.synthetic`` at a width vLLM's CPU attention takes (text head size 32), saved with a
 word-level tokenizer whose placeholders carry the family's real token names (Qwen's
 ``<|image_pad|>``...) and a chat template; ``DIR/FAMILY/calibration`` (rows shaped as the family's
 processor makes them, for ``tamp-prune --dataset``); and ``DIR/FAMILY/questions.json`` with PNG
@@ -109,7 +109,7 @@ def _tokenizer(model, family: str):
     from tokenizers.pre_tokenizers import WhitespaceSplit
     from transformers import PreTrainedTokenizerFast
 
-    from tamp_modifier.synthetic import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, _special_ids
+    from tamp_modifier.testing.synthetic import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, _special_ids
 
     names, template, _ = FAMILY_SPECS[family]
     vocab_size = model.config.get_text_config().vocab_size
@@ -132,7 +132,7 @@ def _tokenizer(model, family: str):
 def build(args) -> int:
     from PIL import Image
 
-    from tamp_modifier.synthetic import (
+    from tamp_modifier.testing.synthetic import (
         _FIRST_TEXT_ID,
         _special_ids,
         build_tiny_model,

@@ -28,7 +28,7 @@ checkpoints=(demo)
 for recipe in tamp tamp_2of4 tamp_fp8 tamp_w8a8 tamp_w4a16; do
     name="$(basename "$recipe" .yaml)"
     # A small calibration set and few evaluation questions: this checks serving, not quality.
-    "$PROJECT_PYTHON" -m tamp_modifier.cli --recipe "$recipe" --output "$WORK/$name" --overwrite \
+    "$PROJECT_PYTHON" -m tamp_modifier.cli.run --recipe "$recipe" --output "$WORK/$name" --overwrite \
         --num-samples 32 --eval-per-family 10 > "$WORK/prune_$name.log" 2>&1 \
         || { tail -30 "$WORK/prune_$name.log"; echo "vllm_serve_check.sh: tamp-prune --recipe $recipe failed" >&2; exit 1; }
     tail -1 "$WORK/prune_$name.log"

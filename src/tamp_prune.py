@@ -3,7 +3,7 @@
 Importing ``tamp_modifier`` imports llm-compressor and torch (seconds, and
 warnings about the machine), so ``--help`` and every mistake this module can see
 in the arguments (missing folders, an output that is a file, a recipe that is
-not one) answer at once, in one line. The run itself is ``tamp_modifier.cli``.
+not one) answer at once, in one line. The run itself is ``tamp_modifier.cli.run``.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # nothing tokenises in parallel here
     if not args.verbose:
         # llm-compressor warns at import ("No accelerator available!" on a CPU);
-        # tamp_modifier.console enables its logger again, behind a noise filter.
+        # tamp_modifier.cli.console enables its logger again, behind a noise filter.
         os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
-    from tamp_modifier.cli import run  # the heavy imports start here
+    from tamp_modifier.cli.run import run  # the heavy imports start here
 
     run(args)
     return 0

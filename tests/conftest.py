@@ -9,9 +9,9 @@ import pytest
 import torch
 from llmcompressor import oneshot
 
-from tamp_modifier.data import collate_rows
-from tamp_modifier.models import language_linears, text_decoder_layer_class
-from tamp_modifier.synthetic import build_tiny_model, save_tiny_model
+from tamp_modifier.calibration_data import collate_rows
+from tamp_modifier.testing.synthetic import build_tiny_model, save_tiny_model
+from tamp_modifier.text_decoder import language_linears, text_decoder_layer_class
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

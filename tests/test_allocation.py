@@ -6,7 +6,7 @@ import random
 import pytest
 
 from tamp_modifier import allocate_sparsity
-from tamp_modifier.allocation import allocate_by_granularity, snap_to_rows
+from tamp_modifier.pruning.allocation import allocate_by_granularity, snap_to_rows
 
 
 def random_layers(seed, n=12, equal_sizes=False):

@@ -9,9 +9,9 @@ from llmcompressor.modifiers.pruning import WandaPruningModifier
 from test_token_selection import naive_select
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
-from tamp_modifier.activation_pruning import parse_mask_structure, prune_mask
-from tamp_modifier.models import TOWER_IGNORE
-from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
+from tamp_modifier.pruning.wanda_rule import parse_mask_structure, prune_mask
+from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset
+from tamp_modifier.text_decoder import TOWER_IGNORE
 
 
 def amia(**kwargs):

@@ -16,10 +16,10 @@ from test_amia import amia, layer0_case
 from test_token_selection import naive_select
 
 from tamp_modifier import DiversityAwareSparsity, load_report
-from tamp_modifier.models import TOWER_IGNORE
 from tamp_modifier.modifiers.layer_statistics import TokenHessians
-from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
-from tamp_modifier.token_weighting import token_weights, weighted_rows
+from tamp_modifier.pruning.token_weighting import token_weights, weighted_rows
+from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
+from tamp_modifier.text_decoder import TOWER_IGNORE
 
 
 def sgpt(**kwargs):

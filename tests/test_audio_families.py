@@ -1,7 +1,7 @@
 """Audio-language models through llm-compressor's real oneshot: Qwen2-Audio (audio + text) and
 Qwen2.5-Omni's thinker (audio + image + video + text in every sample).
 
-Neither ran through llm-compressor 0.14's sequential pipeline before ``tamp_modifier.tracing``
+Neither ran through llm-compressor 0.14's sequential pipeline before ``tamp_modifier.modifiers.tracer_mends``
 (Qwen2-Audio: a ModelOutput turned into a dict; the Omni thinker: the whole graph erased with
 its ``**kwargs``). Checked against brute force: DAS's every intra and cross term from full
 distance matrices on plain forward hooks, AMIA's token counts per modality from the rows.
@@ -17,8 +17,8 @@ from conftest import RECIPES, brute_force_terms, language_linears, run_oneshot, 
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 
 from tamp_modifier import load_report
-from tamp_modifier.placement import find_text_decoder
-from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_modifier.testing.synthetic import make_calibration_dataset
+from tamp_modifier.text_decoder import find_text_decoder
 
 
 def placeholder_ids(model) -> dict[str, list[int]]:

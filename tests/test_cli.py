@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import RECIPES, run_oneshot
 
-import tamp_modifier.cli as cli
+import tamp_modifier.cli.run as cli
 from tamp_modifier.demo.model import demo_model_path
-from tamp_modifier.report import load_report
-from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_modifier.report.saved import load_report
+from tamp_modifier.testing.synthetic import make_calibration_dataset
 from tamp_prune import SHIPPED_RECIPES
 from tamp_prune import main as tamp_prune
 
@@ -147,7 +147,7 @@ def test_checkpoint_files_are_readable_by_others(tiny, tmp_path):
 
 
 def test_report_tables_fit_100_columns():
-    from tamp_modifier.report import format_table
+    from tamp_modifier.report.tables import format_table
 
     # A 32-layer image-text model's names: the common prefix is printed once, above.
     layers = {
@@ -212,8 +212,8 @@ def test_readme_own_model_commands_run_as_written(tmp_path):
     } <= files
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from tamp_modifier.models import language_linears
-    from tamp_modifier.report import pruned_share
+    from tamp_modifier.pruning.sparsity_pattern import pruned_share
+    from tamp_modifier.text_decoder import language_linears
 
     model = AutoModelForImageTextToText.from_pretrained(out)
     AutoProcessor.from_pretrained(out)  # servable: the processor came along

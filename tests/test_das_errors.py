@@ -8,9 +8,9 @@ from conftest import RECIPES, run_oneshot
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 
 from tamp_modifier import DiversityAwareSparsity
-from tamp_modifier.cli import main as tamp_prune
-from tamp_modifier.models import TOWER_IGNORE
-from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_modifier.cli.run import main as tamp_prune
+from tamp_modifier.testing.synthetic import make_calibration_dataset
+from tamp_modifier.text_decoder import TOWER_IGNORE
 
 
 def wanda(**kwargs):

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText
 
 import tamp_modifier
 from tamp_modifier import allocate_sparsity, load_report, reallocate
-from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_modifier.testing.synthetic import make_calibration_dataset
 
 FAMILIES = ["llava", "qwen2_vl", "llava_next", "qwen2_5_vl"]
 
@@ -76,7 +76,7 @@ def test_saved_recipe_reruns_in_a_fresh_process_with_tamp_prune(tiny, tmp_path):
     assert "sparsity: 0.5" in saved_recipe  # the pruner's field restored, not a list
 
     second = tmp_path / "second"
-    cmd = [sys.executable, "-m", "tamp_modifier.cli", str(dense), "--recipe", str(first / "recipe.yaml"),
+    cmd = [sys.executable, "-m", "tamp_modifier.cli.run", str(dense), "--recipe", str(first / "recipe.yaml"),
            "--dataset", str(tmp_path / "calib"), "--output", str(second)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,7 +123,7 @@ def test_saved_scores_reallocate_without_calibration(tiny, tmp_path):
     recipe = [
         tamp_modifier.DiversityAwareSparsity(profile=str(tmp_path / "p")),
         __import__("llmcompressor.modifiers.pruning", fromlist=["x"]).WandaPruningModifier(
-            sparsity=0.6, targets=["Linear"], ignore=tamp_modifier.models.TOWER_IGNORE
+            sparsity=0.6, targets=["Linear"], ignore=tamp_modifier.text_decoder.TOWER_IGNORE
         ),
     ]
     run_oneshot(model, tokenizer, data, recipe, output_dir=tmp_path / "q")
@@ -146,7 +146,7 @@ sparsity_stage:
     WandaPruningModifier:
       sparsity: 0.5
       targets: ["re:.*language_model.layers.\\\\d+$"]
-      ignore: {json.dumps(tamp_modifier.models.TOWER_IGNORE)}
+      ignore: {json.dumps(tamp_modifier.text_decoder.TOWER_IGNORE)}
 """
     run_oneshot(model, tokenizer, data, recipe, output_dir=tmp_path / "b")
     layers = load_report(tmp_path / "b")["das"]["layers"]
@@ -176,7 +176,7 @@ def test_all_tokens_diversity_and_user_mapping(tiny, tmp_path):
     data = make_calibration_dataset(model, 3, seed=8)
     image = model.config.image_token_id
     recipe = [tamp_modifier.DiversityAwareSparsity(sparsity=0.5, diversity="all_tokens",
-                                                   ignore=tamp_modifier.models.TOWER_IGNORE)]
+                                                   ignore=tamp_modifier.text_decoder.TOWER_IGNORE)]
     run_oneshot(model, tokenizer, data, recipe, output_dir=tmp_path / "a")
     das = load_report(tmp_path / "a")["das"]
     assert all(set(v["terms"]) == {"all"} for v in das["layers"].values())
@@ -185,7 +185,7 @@ def test_all_tokens_diversity_and_user_mapping(tiny, tmp_path):
         assert das["layers"][name]["score"] == pytest.approx(score, abs=1e-4)
 
     recipe = [tamp_modifier.DiversityAwareSparsity(sparsity=0.5, modality_token_ids={"picture": [image]},
-                                                   ignore=tamp_modifier.models.TOWER_IGNORE)]
+                                                   ignore=tamp_modifier.text_decoder.TOWER_IGNORE)]
     run_oneshot(model, tokenizer, data, recipe, output_dir=tmp_path / "m")
     das = load_report(tmp_path / "m")["das"]
     assert set(next(iter(das["layers"].values()))["terms"]) == {"text", "picture", "text|picture"}

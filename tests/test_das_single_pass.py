@@ -12,9 +12,9 @@ from conftest import brute_force_scores, language_linears, run_oneshot
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
-from tamp_modifier.report import attached_report
-from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_modifier.report.sections import attached_report
+from tamp_modifier.testing.synthetic import make_calibration_dataset
+from tamp_modifier.text_decoder import TOWER_IGNORE, text_decoder_layer_class
 
 PRUNER = dict(targets=["Linear"], ignore=TOWER_IGNORE)
 

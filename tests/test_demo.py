@@ -167,8 +167,8 @@ def test_shipped_model_keeps_its_accuracy(demo):
 
 
 def test_main_job_writes_model_and_reports(tmp_path, capsys):
-    from tamp_modifier.cli import main as tamp_prune
-    from tamp_modifier.report import load_report
+    from tamp_modifier.cli.run import main as tamp_prune
+    from tamp_modifier.report.saved import load_report
 
     out = tmp_path / "out"
     assert tamp_prune(["--output", str(out), "--num-samples", "10", "--eval-per-family", "20"]) == 0
@@ -195,7 +195,7 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
     assert "Fidelity to the dense model at the answer" in printed and "| **overall** |" in printed
     # Quiet by default: the known noise is filtered, log lines name the output, not
     # the hidden staging folder, and the last line says where everything is.
-    from tamp_modifier.console import NOISE
+    from tamp_modifier.cli.console import NOISE
 
     for noise in NOISE:
         assert noise not in printed + captured.err, noise

@@ -14,9 +14,9 @@ from loguru import logger
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText
 
-from tamp_modifier.checkpoint import finalize_checkpoint, strip_sparsity_config
-from tamp_modifier.report import load_report
-from tamp_modifier.synthetic import make_calibration_dataset
+from tamp_modifier.deploy.checkpoint import finalize_checkpoint, strip_sparsity_config
+from tamp_modifier.report.saved import load_report
+from tamp_modifier.testing.synthetic import make_calibration_dataset
 
 _CHECKER = Path(__file__).resolve().parents[1] / "scripts" / "check_quantization_config.py"
 

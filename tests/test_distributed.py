@@ -28,7 +28,7 @@ SPARSEGPT = "tamp_sparsegpt"  # float32 Hessians summed over ranks: equal up to 
 
 
 def build(folder: Path):
-    from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
+    from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset, save_tiny_model
 
     model = build_tiny_model("llava", seed=3)
     tokenizer = save_tiny_model(model, folder)
@@ -38,7 +38,7 @@ def build(folder: Path):
 
 def recipe(config: str):
     from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity
-    from tamp_modifier.models import TOWER_IGNORE
+    from tamp_modifier.text_decoder import TOWER_IGNORE
 
     selection = "all" if config == "das_wanda" else "amia"  # `all` is Wanda's rule
     reconstruction = "sparsegpt" if config == SPARSEGPT else "wanda"
@@ -52,7 +52,7 @@ def run(config: str, model, tokenizer, data, output_dir=None) -> dict:
     from conftest import language_linears, run_oneshot
 
     from tamp_modifier.modifiers.layer_statistics import ChannelNorms
-    from tamp_modifier.report import attached_report
+    from tamp_modifier.report.sections import attached_report
 
     norms = {}
     names = {id(m): n for n, m in model.named_modules()}
@@ -97,8 +97,8 @@ def rank_main(out: Path) -> None:
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
     from tamp_modifier import DiversityAwareSparsity
-    from tamp_modifier.distributed import barrier, init_distributed, rank, rank_share
-    from tamp_modifier.models import TOWER_IGNORE
+    from tamp_modifier.modifiers.distributed import barrier, init_distributed, rank, rank_share
+    from tamp_modifier.text_decoder import TOWER_IGNORE
 
     torch.set_num_threads(1)
     r = int(os.environ["RANK"])
@@ -203,7 +203,7 @@ def test_the_saved_checkpoint_has_the_single_process_masks(runs):
     from transformers import AutoModelForImageTextToText
 
     from tamp_modifier import load_report
-    from tamp_modifier.models import language_linears
+    from tamp_modifier.text_decoder import language_linears
 
     single, _, out = runs
     saved = out / "saved"
@@ -229,7 +229,7 @@ def test_a_dataset_every_rank_passes_whole_is_refused(runs):
 
 
 def test_rank_shares_cover_every_sample_once():
-    from tamp_modifier.distributed import share_bounds
+    from tamp_modifier.modifiers.distributed import share_bounds
 
     for n in range(1, 20):
         for world in range(1, 6):
@@ -240,7 +240,7 @@ def test_rank_shares_cover_every_sample_once():
 
 
 def test_one_process_helpers_are_identities():
-    from tamp_modifier.distributed import (
+    from tamp_modifier.modifiers.distributed import (
         any_rank,
         assign_to_ranks,
         broadcast_object,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tamp_modifier import modality_diversity
-from tamp_modifier.diversity import DiversityAccumulator
+from tamp_modifier.pruning.diversity import DiversityAccumulator
 
 
 def brute_force(outputs, labels, modalities):

@@ -17,9 +17,14 @@ from conftest import RECIPES, assert_reloads_equal, assert_reloads_to_the_same_l
 from datasets import Dataset
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
-from tamp_modifier.models import TOWER_IGNORE, language_linears
-from tamp_modifier.placement import find_text_decoder, outside_decoder_patterns, outside_decoder_roots
-from tamp_modifier.synthetic import FAMILIES, family_of, make_calibration_dataset
+from tamp_modifier.testing.synthetic import FAMILIES, family_of, make_calibration_dataset
+from tamp_modifier.text_decoder import (
+    TOWER_IGNORE,
+    find_text_decoder,
+    language_linears,
+    outside_decoder_patterns,
+    outside_decoder_roots,
+)
 from tamp_prune import main as tamp_prune
 
 DECODERS = {  # family: (decoder module, its layers, the layer class), as transformers 5.17 builds them
@@ -221,7 +226,7 @@ def test_tamp_prune_refuses_an_unplaceable_decoder_before_loading(tmp_path, monk
     """Mllama mixes self- and cross-attention layers in one list: no single decoder-layer class."""
     from transformers import MllamaConfig
 
-    from tamp_modifier import cli
+    from tamp_modifier.cli import run as cli
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")

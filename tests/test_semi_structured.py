@@ -17,8 +17,7 @@ from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_to_dense_cutlass,
 )
 
-from tamp_modifier.models import language_linears
-from tamp_modifier.semi_structured import (
+from tamp_modifier.deploy.semi_structured import (
     apply_plan,
     is_2_of_4,
     plan,
@@ -26,7 +25,8 @@ from tamp_modifier.semi_structured import (
     shape_constraint,
     to_semi_structured,
 )
-from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
+from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset
+from tamp_modifier.text_decoder import language_linears
 
 
 def prune_2_of_4(weight: torch.Tensor) -> torch.Tensor:
@@ -326,7 +326,7 @@ class CpuCutlass(torch.sparse.SparseSemiStructuredTensorCUTLASS):
 @pytest.fixture
 def cpu_kernels(monkeypatch):
     """Let apply_plan run on CPU: every device passes, and 'cutlass' packs with CpuCutlass."""
-    import tamp_modifier.semi_structured as semi_structured
+    import tamp_modifier.deploy.semi_structured as semi_structured
 
     real = semi_structured._sparse_class
     monkeypatch.setattr(semi_structured, "resolve_backend", lambda backend, device, **_: backend)

@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from tamp_modifier.checkpoint import checkpoint_names, finalize_checkpoint, ignore_both_namings
 from tamp_modifier.demo.model import demo_model_path, encode_prompt, load_demo_model, pixel_values
 from tamp_modifier.demo.tasks import FAMILIES, make_split
-from tamp_modifier.synthetic import build_tiny_model
+from tamp_modifier.deploy.checkpoint import checkpoint_names, finalize_checkpoint, ignore_both_namings
+from tamp_modifier.testing.synthetic import build_tiny_model
 
 
 def saved_keys(folder) -> set[str]:
@@ -112,7 +112,7 @@ def test_demo_processor_builds_exactly_the_demo_inputs_from_a_chat():
 
 
 def test_demo_checkpoints_carry_the_processor_files(tmp_path):
-    from tamp_modifier.cli import main as tamp_prune
+    from tamp_modifier.cli.run import main as tamp_prune
 
     out = tmp_path / "out"
     assert tamp_prune(["--output", str(out), "--num-samples", "8", "--eval-per-family", "4"]) == 0
@@ -144,7 +144,7 @@ def test_fused_layers_vllm_builds_from_ignored_ones_are_named_too():
 def test_quantized_llava_onevision_names_vllms_fused_tower_layers_and_reloads_equal(tiny, tmp_path):
     from conftest import RECIPES, assert_reloads_to_the_same_logits, run_oneshot
 
-    from tamp_modifier.synthetic import make_calibration_dataset
+    from tamp_modifier.testing.synthetic import make_calibration_dataset
 
     model, tokenizer, _ = tiny("llava_onevision", weights=True)
     dataset = make_calibration_dataset(model, 4)

@@ -7,7 +7,12 @@ import itertools
 import pytest
 import torch
 
-from tamp_modifier.sparsity_pattern import PATTERN_TOLERANCE, compare_patterns, layer_pattern, nm_share
+from tamp_modifier.pruning.sparsity_pattern import (
+    PATTERN_TOLERANCE,
+    compare_patterns,
+    layer_pattern,
+    nm_share,
+)
 
 
 def brute_nm_share(weight, n, m):

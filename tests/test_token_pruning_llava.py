@@ -8,7 +8,7 @@ import torch
 from conftest import hooks, logits, stage1_only
 from transformers import DynamicCache
 
-from tamp_modifier.synthetic import build_tiny_model, make_calibration_dataset
+from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset
 from tamp_modifier.token_pruning import (
     disable_token_pruning,
     enable_token_pruning,

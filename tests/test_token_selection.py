@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tamp_modifier import select_tokens
-from tamp_modifier.token_selection import attention_tokens, random_tokens
+from tamp_modifier.pruning.token_selection import attention_tokens, random_tokens
 
 
 def naive_select(outputs, attention, labels, knn=3, gamma=1.0, penalty_gamma=0.2, mmd_scale=0.1):

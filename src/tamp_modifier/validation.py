@@ -1,14 +1,47 @@
-"""One check shared by the recipe fields and the pure functions."""
+"""The one way a field or an argument is checked, in every part of the package.
+
+Each check returns the value it accepts and raises a ValueError whose one line
+names the field, what it must be and what it got, so that a recipe field, a
+keyword of ``enable_token_pruning`` and a pure function's argument all fail alike.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["one_of"]
+__all__ = ["as_list", "at_least", "in_range", "one_of"]
 
 
 def one_of(field: str, value, choices: Sequence):
-    """Return ``value`` if it is one of ``choices``, else a ValueError listing them."""
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
     if value not in choices:
         raise ValueError(f"{field} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def in_range(field: str, value, low: float, high: float, *, high_inclusive: bool = False, why: str = ""):
+    """``value`` if it is a number in ``[low, high)`` (``[low, high]`` with ``high_inclusive``)."""
+    inside = value <= high if high_inclusive else value < high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value and inside):
+        bracket = "]" if high_inclusive else ")"
+        because = f": {why}" if why else ""
+        raise ValueError(f"{field} must be in [{low:g}, {high:g}{bracket}, got {value!r}{because}")
+    return value
+
+
+def at_least(field: str, value, minimum: float, *, why: str = ""):
+    """``value`` if it is a number >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ValueError(f"{field} must be >= {minimum:g}, got {value!r}" + (f" ({why})" if why else ""))
+    return value
+
+
+def as_list(value) -> list | None:
+    """A list of patterns from a list, a tuple or one bare string (None stays None).
+
+    A bare ``"Linear"`` where llm-compressor expects a list is its classic silent
+    failure: the string is iterated letter by letter and matches nothing.
+    """
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)

@@ -30,7 +30,7 @@ from transformers import (
 
 from tamp_modifier.demo.corpus import frequent_words
 from tamp_modifier.demo.tasks import CELL, IMAGE_SIZE, Question, vocabulary
-from tamp_modifier.synthetic import word_level_tokenizer
+from tamp_modifier.testing.synthetic import word_level_tokenizer
 
 __all__ = [
     "IMAGE_TOKENS",

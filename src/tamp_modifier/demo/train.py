@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm import tqdm
 
-from tamp_modifier.checkpoint import rename_saved_weights
 from tamp_modifier.demo.corpus import corpus_fingerprint, corpus_words, text_windows
 from tamp_modifier.demo.evaluate import evaluate
 from tamp_modifier.demo.model import (
@@ -58,6 +57,7 @@ from tamp_modifier.demo.tasks import (
     SHAPES,
     make_split,
 )
+from tamp_modifier.deploy.checkpoint import rename_saved_weights
 
 __all__ = ["corpus_ids", "held_out_text_loss", "image_labels", "train_demo_model", "main"]
 

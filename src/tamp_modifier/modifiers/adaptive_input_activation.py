@@ -12,8 +12,8 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifier
 from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from tamp_modifier.activation_pruning import parse_mask_structure
-from tamp_modifier.distributed import (
+from tamp_modifier.deploy.save_hook import install_save_hook
+from tamp_modifier.modifiers.distributed import (
     any_rank,
     assign_to_ranks,
     barrier,
@@ -26,14 +26,15 @@ from tamp_modifier.distributed import (
     union_across_ranks,
     world_size,
 )
-from tamp_modifier.modality import resolve_modality_token_ids
 from tamp_modifier.modifiers.layer_statistics import RECONSTRUCTIONS, ChannelNorms, TokenHessians
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
 from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
-from tamp_modifier.report import attach_report
-from tamp_modifier.token_selection import attention_tokens, random_tokens, select_tokens
-from tamp_modifier.token_weighting import TOKEN_WEIGHTINGS, weighted_rows
+from tamp_modifier.pruning.modality import resolve_modality_token_ids
+from tamp_modifier.pruning.token_selection import attention_tokens, random_tokens, select_tokens
+from tamp_modifier.pruning.token_weighting import TOKEN_WEIGHTINGS, weighted_rows
+from tamp_modifier.pruning.wanda_rule import parse_mask_structure
+from tamp_modifier.report.sections import attach_section
 from tamp_modifier.validation import one_of
 
 __all__ = ["AdaptiveInputActivation"]
@@ -413,7 +414,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 totals[m][0] += layer["selected"][m]
                 totals[m][1] += layer["tokens"][m]
         share = {m: (s / t if t else None) for m, (s, t) in totals.items()}
-        attach_report(model, "amia", {
+        attach_section(model, "amia", {
             "method": "AdaptiveInputActivation",
             "token_selection": self.token_selection,
             "reconstruction": self.reconstruction,
@@ -429,6 +430,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
             "seconds": dict(self._seconds),
             "layers": self._layers_report,
         })
+        install_save_hook(model)
         text = ", ".join(f"{m} {s:.1%}" for m, s in share.items() if s is not None)
         logger.info(f"AdaptiveInputActivation ({self.token_selection}, {self.reconstruction}): share of "
                     f"tokens selected: {text}; "

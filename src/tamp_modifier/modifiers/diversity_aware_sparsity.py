@@ -12,20 +12,17 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from tamp_modifier.allocation import (
-    ALLOCATIONS,
-    GRANULARITIES,
-    allocate_by_granularity,
-    check_sparsity_bounds,
-    snap_to_rows,
-)
-from tamp_modifier.distributed import any_rank, broadcast_object, is_distributed, sum_across_ranks, world_size
-from tamp_modifier.diversity import DiversityAccumulator, term_names
-from tamp_modifier.modality import resolve_modality_token_ids
+from tamp_modifier.deploy.save_hook import install_save_hook
 from tamp_modifier.modifiers.adaptive_input_activation import AdaptiveInputActivation
-from tamp_modifier.modifiers.observer_pipeline import ObservedPipelineRun
+from tamp_modifier.modifiers.distributed import (
+    any_rank,
+    broadcast_object,
+    is_distributed,
+    sum_across_ranks,
+    world_size,
+)
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
-from tamp_modifier.modifiers.pruner_bridge import (
+from tamp_modifier.modifiers.ratio_handover import (
     check_pruner,
     following_pruner,
     hand_over,
@@ -36,9 +33,21 @@ from tamp_modifier.modifiers.scope import (
     confine_to_text_decoder,
     modules_outside_decoder,
 )
+from tamp_modifier.modifiers.single_pass_pipeline import ObservedPipelineRun
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
-from tamp_modifier.placement import find_text_decoder
-from tamp_modifier.report import REPORT_FILE_NAME, attach_report, format_table, load_report
+from tamp_modifier.pruning.allocation import (
+    ALLOCATIONS,
+    GRANULARITIES,
+    allocate_by_granularity,
+    check_sparsity_bounds,
+    snap_to_rows,
+)
+from tamp_modifier.pruning.diversity import DiversityAccumulator, term_names
+from tamp_modifier.pruning.modality import resolve_modality_token_ids
+from tamp_modifier.report.saved import REPORT_FILE_NAME, load_report
+from tamp_modifier.report.sections import attach_section
+from tamp_modifier.report.tables import format_table
+from tamp_modifier.text_decoder import find_text_decoder
 from tamp_modifier.validation import one_of
 
 __all__ = ["DiversityAwareSparsity"]
@@ -95,7 +104,7 @@ class DiversityAwareSparsity(Modifier):
         model's structure; ``targets``: exactly what the patterns match
 
     DAS changes no weight, so its calibration runs one forward pass per decoder
-    layer and sample, not llm-compressor's two (``observer_pipeline``).
+    layer and sample, not llm-compressor's two (``single_pass_pipeline``).
     """
 
     sparsity: float | None = None
@@ -522,7 +531,8 @@ class DiversityAwareSparsity(Modifier):
                 for n in self._modules
             },
         }
-        attach_report(model, "das", report)
+        attach_section(model, "das", report)
+        install_save_hook(model)
         low, high = min(assigned, key=assigned.get), max(assigned, key=assigned.get)
         logger.info(
             f"DiversityAwareSparsity: {len(assigned)} layers, global sparsity "

@@ -28,8 +28,8 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
     sparsify_weight,
 )
 
-from tamp_modifier.activation_pruning import prune_mask
-from tamp_modifier.distributed import rank, reduce_to_rank, sum_across_ranks
+from tamp_modifier.modifiers.distributed import rank, reduce_to_rank, sum_across_ranks
+from tamp_modifier.pruning.wanda_rule import prune_mask
 
 __all__ = ["RECONSTRUCTIONS", "ChannelNorms", "TokenHessians"]
 

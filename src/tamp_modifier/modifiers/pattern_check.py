@@ -18,8 +18,8 @@ from llmcompressor.core import active_session
 from llmcompressor.modifiers import Modifier
 from loguru import logger
 
-from tamp_modifier.report import attach_report, attached_report, expected_pattern
-from tamp_modifier.sparsity_pattern import compare_patterns, describe_pattern, layer_pattern
+from tamp_modifier.pruning.sparsity_pattern import compare_patterns, describe_pattern, layer_pattern
+from tamp_modifier.report.sections import attach_section, attached_report, expected_pattern
 
 __all__ = ["check_pattern_kept", "warn_pattern_breaking_steps"]
 
@@ -98,7 +98,7 @@ def check_pattern_kept(owner: Modifier, model: torch.nn.Module) -> dict | None:
     pattern = compare_patterns(expected, measured)
     pruner = type(step).__name__
     later = _steps_after(modifiers, step)
-    attach_report(model, "pattern", {"pruned_by": pruner, "steps_after": later, **pattern})
+    attach_section(model, "pattern", {"pruned_by": pruner, "steps_after": later, **pattern})
     survived = describe_pattern(pattern)
     if pattern["intact"]:
         logger.info(f"sparsity pattern of {pruner} kept to the end of the recipe: {survived}")

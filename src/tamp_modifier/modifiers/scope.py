@@ -1,7 +1,7 @@
 """``scope``: what our modifiers, the pruner after DAS and the quantizers after them may touch.
 
 ``text_decoder`` (the default) confines pruning to the Linears inside the text
-decoder's layers, found from the model's structure (``tamp_modifier.placement``),
+decoder's layers, found from the model's structure (``tamp_modifier.text_decoder``),
 whatever the recipe's ``ignore`` patterns miss: the ``ignore`` list of our
 modifier, of the pruner after DAS, and of every quantization step after them
 (``QuantizationModifier``, ``GPTQModifier``) is extended with one pattern per
@@ -21,7 +21,7 @@ from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from loguru import logger
 
-from tamp_modifier.placement import (
+from tamp_modifier.text_decoder import (
     TextDecoder,
     find_text_decoder,
     ignore_pattern,

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import torch
 from llmcompressor.core import active_session
 
-from tamp_modifier.distributed import gather_objects, is_distributed
-from tamp_modifier.modality import PADDING, label_tokens
+from tamp_modifier.modifiers.distributed import gather_objects, is_distributed
+from tamp_modifier.pruning.modality import PADDING, label_tokens
 
 __all__ = ["CalibrationTokenLabels"]
 
@@ -98,7 +98,7 @@ class CalibrationTokenLabels:
                 f"all {len(everyone)} ranks calibrated on the same {len(mine)} samples: "
                 "llm-compressor 0.14 hands every rank the first rank's share when all ranks "
                 "pass one whole dataset. Give each rank its own share before oneshot: "
-                "`dataset = tamp_modifier.distributed.rank_share(dataset)`"
+                "`dataset = tamp_modifier.modifiers.distributed.rank_share(dataset)`"
             )
 
     def __bool__(self) -> bool:

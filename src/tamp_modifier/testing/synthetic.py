@@ -50,7 +50,7 @@ from transformers import (
     SmolVLMForConditionalGeneration,
 )
 
-from tamp_modifier.models import TOWER_IGNORE, text_decoder_layer_class
+from tamp_modifier.text_decoder import TOWER_IGNORE, text_decoder_layer_class
 
 __all__ = [
     "FAMILIES",
@@ -745,7 +745,7 @@ def make_calibration_dataset(
     video and ``video_second_per_grid``): four modalities in one sample.
 
     The format is torch, so ``model(**ds[i])`` works directly.  For ``oneshot``
-    pass ``data_collator=tamp_modifier.data.collate_rows`` (the default collator would add a
+    pass ``data_collator=tamp_modifier.calibration_data.collate_rows`` (the default collator would add a
     second batch dimension).
     """
     family = family_of(model)

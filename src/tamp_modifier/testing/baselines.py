@@ -27,9 +27,10 @@ from types import SimpleNamespace
 import torch
 from compressed_tensors.utils import match_named_modules
 
-from tamp_modifier.activation_pruning import parse_mask_structure, prune_mask
-from tamp_modifier.models import TOWER_IGNORE
-from tamp_modifier.modifiers.pruner_bridge import modules_pruned_by
+from tamp_modifier.modifiers.ratio_handover import modules_pruned_by
+from tamp_modifier.pruning.wanda_rule import parse_mask_structure, prune_mask
+from tamp_modifier.text_decoder import TOWER_IGNORE
+from tamp_modifier.validation import as_list, in_range
 
 __all__ = [
     "magnitude_prune",
@@ -44,13 +45,9 @@ __all__ = [
 _UNUSED = 0.0
 
 
-def _as_list(patterns) -> list[str]:
-    return [patterns] if isinstance(patterns, str) else list(patterns or [])
-
-
 def _matched_linears(model, targets, ignore) -> dict[str, torch.nn.Linear]:
     """Modules matched by targets minus ignore; all must be Linear, at least one."""
-    targets, ignore = _as_list(targets), _as_list(ignore)
+    targets, ignore = as_list(targets) or [], as_list(ignore) or []
     matched = dict(match_named_modules(model, targets, ignore))
     if not matched:
         raise ValueError(
@@ -61,11 +58,6 @@ def _matched_linears(model, targets, ignore) -> dict[str, torch.nn.Linear]:
     if others:
         raise ValueError(f"targets must match Linear modules only; they also match {others[:3]}")
     return matched
-
-
-def _check_sparsity(sparsity: float) -> None:
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
 
 
 def magnitude_prune(
@@ -82,7 +74,7 @@ def magnitude_prune(
     row; ``"N:M"`` prunes the N smallest of every M consecutive inputs of a row.
     Returns the realized sparsity (share of exact zeros) per module name.
     """
-    _check_sparsity(sparsity)
+    in_range("sparsity", sparsity, 0, 1)
     prune_n, prune_m = parse_mask_structure(mask_structure)
     realized = {}
     for name, module in _matched_linears(model, targets, ignore).items():
@@ -199,9 +191,9 @@ def owl_sparsity_list(
     WITHOUT ``ignore`` and checks its length against them, so every target gets
     a value: its pruned modules' block sparsity (a module belongs to the
     longest block name prefixing it), and an unused 0.0 where all its modules
-    are ignored. Pruned modules are named as ``pruner_bridge.modules_pruned_by``.
+    are ignored. Pruned modules are named as ``ratio_handover.modules_pruned_by``.
     """
-    targets, ignore = _as_list(targets), _as_list(ignore)
+    targets, ignore = as_list(targets) or [], as_list(ignore) or []
     pruned = modules_pruned_by(SimpleNamespace(targets=targets, ignore=ignore), model)
     if not pruned:
         raise ValueError(f"targets={targets} with ignore={ignore} leave nothing to prune")

@@ -14,7 +14,7 @@ More important layers (higher diversity) keep more weights. Two rules:
     rescaled until both hold.
 
 Scores do not depend on ``p``: score once, allocate for as many targets as you
-like (see ``tamp_modifier.report.reallocate``).
+like (see ``tamp_modifier.reallocate``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from tamp_modifier.validation import one_of
+from tamp_modifier.validation import at_least, in_range, one_of
 
 __all__ = [
     "ALLOCATIONS",
@@ -38,13 +38,8 @@ GRANULARITIES = ("layer", "block")
 
 def check_sparsity_bounds(sparsity: float, max_delta: float) -> None:
     """Raise a ValueError naming the fix if ``sparsity``/``max_delta`` cannot work."""
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-        raise ValueError(
-            f"sparsity must be in [0, 1), got {sparsity!r}: it is the fraction of "
-            "weights removed, e.g. 0.5 for half"
-        )
-    if not (isinstance(max_delta, (int, float)) and max_delta >= 0.0):
-        raise ValueError(f"max_delta must be >= 0, got {max_delta!r}")
+    in_range("sparsity", sparsity, 0, 1, why="it is the fraction of weights removed, e.g. 0.5 for half")
+    at_least("max_delta", max_delta, 0)
     if sparsity + max_delta >= 1.0:
         raise ValueError(
             f"sparsity + max_delta = {sparsity + max_delta:g} would let a layer lose "

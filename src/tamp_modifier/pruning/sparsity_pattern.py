@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from tamp_modifier.activation_pruning import parse_mask_structure
+from tamp_modifier.pruning.wanda_rule import parse_mask_structure
 
-__all__ = ["PATTERN_TOLERANCE", "compare_patterns", "describe_pattern", "layer_pattern", "nm_share"]
+__all__ = [
+    "PATTERN_TOLERANCE", "compare_patterns", "describe_pattern", "layer_pattern", "nm_share", "pruned_share",
+    "realized_sparsity",
+]
 
 # Unstructured pruners land a hair under their ratio (SparseGPT picks its mask
 # over column blocks: within ~0.2%); a real break (GPTQ refilling zeros) is far
@@ -108,3 +111,16 @@ def describe_pattern(pattern: dict) -> str:
     if not pattern["intact"]:
         text += f"; {len(pattern['broken'])} of {len(pattern['layers'])} layers are off"
     return text
+
+
+def realized_sparsity(module: torch.nn.Module) -> float:
+    """Fraction of exactly-zero entries in a module's weight."""
+    weight = module.weight
+    return float((weight == 0).sum().item() / weight.numel())
+
+
+def pruned_share(modules) -> float:
+    """Parameter-weighted share of exactly-zero weights over ``modules``."""
+    modules = list(modules)
+    zeros = sum(int((m.weight == 0).sum()) for m in modules)
+    return zeros / sum(m.weight.numel() for m in modules)

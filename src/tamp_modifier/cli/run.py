@@ -53,7 +53,7 @@ def check_recipe(recipe: Path, model_folder: str | None) -> None:
     """The recipe parsed as oneshot will parse it, and checked against the model's
     config.json, before anything is loaded; a problem stops with one line."""
     import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
-    from tamp_modifier.recipe_check import group_size_problem, recipe_problem
+    from tamp_modifier.cli.recipe_check import group_size_problem, recipe_problem
 
     problem, parsed = recipe_problem(recipe)
     if problem is None:
@@ -82,7 +82,7 @@ def check_placement(model_folder: str) -> None:
     import torch
     from transformers import AutoConfig
 
-    from tamp_modifier.placement import find_text_decoder
+    from tamp_modifier.text_decoder import find_text_decoder
 
     config = AutoConfig.from_pretrained(model_folder)
     skeleton = None
@@ -159,8 +159,8 @@ def _prune(model, processor, dataset, recipe: Path, args: argparse.Namespace, st
     from llmcompressor import oneshot
 
     import tamp_modifier  # noqa: F401  (registers the modifiers for the recipe parser)
-    from tamp_modifier.data import collate_rows
-    from tamp_modifier.models import text_decoder_layer_class
+    from tamp_modifier.calibration_data import collate_rows
+    from tamp_modifier.text_decoder import text_decoder_layer_class
 
     targets = args.sequential_targets or [text_decoder_layer_class(model)]
     samples = min(args.num_samples, len(dataset))
@@ -181,8 +181,8 @@ def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, 
     """``report.json`` (accuracies, relative performance, fidelity, method, sparsity, time); returns
     the tables."""
     from tamp_modifier.demo.evaluate import format_accuracy_table, format_fidelity_table, relative_performance
-    from tamp_modifier.models import language_linears
-    from tamp_modifier.report import pruned_share
+    from tamp_modifier.pruning.sparsity_pattern import pruned_share
+    from tamp_modifier.text_decoder import language_linears
 
     report = {
         "method": recipe.stem,
@@ -220,8 +220,9 @@ def _language_model_sparsity(model, staging: Path) -> float:
     ``tamp_report.json`` has that count: after a packed 4-bit (W4A16) save, the in-memory Linears
     of a model loaded from a folder have no ``weight`` left to count (seen with llm-compressor
     0.14; the run then failed after writing, and the output was discarded)."""
-    from tamp_modifier.models import language_linears
-    from tamp_modifier.report import REPORT_FILE_NAME, load_report, pruned_share
+    from tamp_modifier.pruning.sparsity_pattern import pruned_share
+    from tamp_modifier.report.saved import REPORT_FILE_NAME, load_report
+    from tamp_modifier.text_decoder import language_linears
 
     if (staging / REPORT_FILE_NAME).is_file():
         pattern = load_report(staging / REPORT_FILE_NAME).get("checkpoint", {}).get("pattern")
@@ -231,8 +232,9 @@ def _language_model_sparsity(model, staging: Path) -> float:
 
 
 def _print_summary(output: Path, seconds: float, sparsity: float, table: str | None) -> None:
-    from tamp_modifier.report import REPORT_FILE_NAME, format_table, load_report
-    from tamp_modifier.sparsity_pattern import describe_pattern
+    from tamp_modifier.pruning.sparsity_pattern import describe_pattern
+    from tamp_modifier.report.saved import REPORT_FILE_NAME, load_report
+    from tamp_modifier.report.tables import format_table
 
     print()
     report = load_report(output / REPORT_FILE_NAME) if (output / REPORT_FILE_NAME).is_file() else {}
@@ -255,14 +257,14 @@ def _print_summary(output: Path, seconds: float, sparsity: float, table: str | N
 
 def run(args: argparse.Namespace) -> Path:
     """The whole command, on arguments ``tamp_prune.check_arguments`` accepted."""
-    from tamp_modifier.console import library_logs
+    from tamp_modifier.cli.console import library_logs
 
     with library_logs(args.verbose) as renames:
         return _run(args, renames)
 
 
 def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
-    from tamp_modifier.data import load_calibration_dataset
+    from tamp_modifier.calibration_data import load_calibration_dataset
 
     demo = args.model is None
     output = Path(args.output or DEMO_OUTPUT).resolve()

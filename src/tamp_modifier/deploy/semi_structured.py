@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from tamp_modifier.models import language_linears
-from tamp_modifier.sparsity_pattern import nm_share
+from tamp_modifier.pruning.sparsity_pattern import nm_share
+from tamp_modifier.text_decoder import language_linears
+from tamp_modifier.validation import as_list, one_of
 
 __all__ = [
     "ConversionReport",
@@ -127,8 +128,7 @@ def resolve_backend(
     >>> resolve_backend("auto", "cuda:0", capability=(9, 0), cusparselt_available=True, hip=False)
     'cusparselt'
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    one_of("backend", backend, BACKENDS)
     device = torch.device(device)
     if device.type != "cuda":
         raise RuntimeError(
@@ -261,26 +261,25 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _as_list(patterns) -> list[str]:
-    return [patterns] if isinstance(patterns, str) else list(patterns or [])
 
 
 def _candidates(model, targets, ignore) -> tuple[dict[str, torch.nn.Linear], bool]:
     """The Linears to consider, and whether the user named them (then every one must convert)."""
     from compressed_tensors.utils import match_named_modules
 
+    ignore = as_list(ignore) or []
     if targets is None:
         language = language_linears(model)
-        matched = match_named_modules(model, ["Linear"], _as_list(ignore))
+        matched = match_named_modules(model, ["Linear"], ignore)
         return {n: m for n, m in matched if n in language}, False
-    targets = _as_list(targets)
+    targets = as_list(targets) or []
     # A name pattern such as "re:.*mlp.*" also matches the MLP blocks that hold the Linears:
     # only the Linears it matches are candidates.
-    matches = match_named_modules(model, targets, _as_list(ignore))
+    matches = match_named_modules(model, targets, ignore)
     matched = {n: m for n, m in matches if isinstance(m, torch.nn.Linear)}
     if not matched:
         raise ValueError(
-            f"targets={targets} with ignore={_as_list(ignore)} match no nn.Linear of {type(model).__name__}; "
+            f"targets={targets} with ignore={ignore} match no nn.Linear of {type(model).__name__}; "
             'use "Linear" or "re:" name patterns such as "re:.*mlp.*"'
         )
     return matched, True

@@ -31,7 +31,7 @@ __all__ = ["attention_tokens", "random_tokens", "select_tokens"]
 def _sample_diversity(z: torch.Tensor, similarity: torch.Tensor, labels: torch.Tensor) -> float:
     """The sample's DAS score (mean of defined intra/inter terms), ``z`` unit rows.
 
-    Same formulas as ``tamp_modifier.diversity``: ``S_a`` sums modality ``a``'s
+    Same formulas as ``tamp_modifier.pruning.diversity``: ``S_a`` sums modality ``a``'s
     rows of ``z``, ``Q_a`` their squared norms (the diagonal of ``z z^T``). The
     handful of terms is done in Python floats: this runs once per sample and
     Linear, where a dozen tiny tensor ops would cost more than the matmuls.
