@@ -172,17 +172,17 @@ def test_main_job_writes_model_and_reports(tmp_path, capsys):
 
     out = tmp_path / "out"
     assert tamp_prune(["--output", str(out), "--num-samples", "10", "--eval-per-family", "20"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert set(report) >= {"method", "sparsity", "dense_accuracy", "pruned_accuracy",
+    evaluation = json.loads((out / "demo_evaluation.json").read_text())
+    assert set(evaluation) >= {"method", "sparsity", "dense_accuracy", "pruned_accuracy",
                            "relative_performance", "prune_seconds"}
-    assert report["method"] == "tamp" and report["sparsity"] == pytest.approx(0.5, abs=0.01)
-    overall = report["fidelity"]["overall"]
+    assert evaluation["method"] == "tamp" and evaluation["sparsity"] == pytest.approx(0.5, abs=0.01)
+    overall = evaluation["fidelity"]["overall"]
     assert overall["questions"] == 20 * len(FAMILIES) and overall["kl"] >= 0
-    assert set(report["fidelity"]) == {*FAMILIES, "overall"}
-    dense, pruned = report["dense_accuracy"], report["pruned_accuracy"]
+    assert set(evaluation["fidelity"]) == {*FAMILIES, "overall"}
+    dense, pruned = evaluation["dense_accuracy"], evaluation["pruned_accuracy"]
     assert list(dense) == list(FAMILIES)
     for f in FAMILIES:
-        assert report["relative_performance"][f] == pytest.approx(100 * pruned[f] / dense[f])
+        assert evaluation["relative_performance"][f] == pytest.approx(100 * pruned[f] / dense[f])
     # The saved model answers exactly as reported, and DAS/AMIA wrote their per-layer report.
     model, tokenizer = load_demo_model(out)
     assert evaluate(model, tokenizer, make_split("eval", 20)) == pruned

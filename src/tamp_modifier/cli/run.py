@@ -176,15 +176,15 @@ def _prune(model, processor, dataset, recipe: Path, args: argparse.Namespace, st
     return time.perf_counter() - start
 
 
-def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, fidelity,
-                       seconds: float) -> str:
-    """``report.json`` (accuracies, relative performance, fidelity, method, sparsity, time); returns
-    the tables."""
+def _write_demo_evaluation(model, staging: Path, args, recipe: Path, dense, pruned, fidelity,
+                           seconds: float) -> str:
+    """``demo_evaluation.json`` (accuracies, relative performance, fidelity, method, sparsity, time);
+    returns the tables."""
     from tamp_modifier.demo.evaluate import format_accuracy_table, format_fidelity_table, relative_performance
     from tamp_modifier.pruning.sparsity_pattern import pruned_share
     from tamp_modifier.text_decoder import language_linears
 
-    report = {
+    evaluation = {
         "method": recipe.stem,
         "recipe": str(recipe),
         "sparsity": pruned_share(language_linears(model).values()),
@@ -197,8 +197,8 @@ def _write_demo_report(model, staging: Path, args, recipe: Path, dense, pruned, 
         "fidelity": fidelity,
         "prune_seconds": round(seconds, 2),
     }
-    (staging / "report.json").write_text(json.dumps(report, indent=2))
-    table = format_accuracy_table(dense, pruned, label=f"{recipe.stem} ({report['sparsity']:.0%} sparse)")
+    (staging / "demo_evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    table = format_accuracy_table(dense, pruned, label=f"{recipe.stem} ({evaluation['sparsity']:.0%} sparse)")
     return (table + "\n\nFidelity to the dense model at the answer (whole vocabulary, means per question):\n"
             + format_fidelity_table(fidelity))
 
@@ -283,7 +283,7 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
             # Prune first: a bad recipe then fails before any evaluation is spent.
             seconds = _prune(model, processor, dataset, recipe, args, staging)
             dense, pruned, fidelity = _evaluate_demo(model, processor, questions)
-            table = _write_demo_report(model, staging, args, recipe, dense, pruned, fidelity, seconds)
+            table = _write_demo_evaluation(model, staging, args, recipe, dense, pruned, fidelity, seconds)
             from tamp_modifier.demo.model import demo_model_path
 
             _copy_missing_processor_files(demo_model_path(), staging)  # the image processor, for vLLM

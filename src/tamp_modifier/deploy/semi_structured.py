@@ -34,7 +34,7 @@ from tamp_modifier.text_decoder import language_linears
 from tamp_modifier.validation import as_list, one_of
 
 __all__ = [
-    "ConversionReport",
+    "ConversionPlan",
     "LayerRecord",
     "SUPPORTED_DTYPES",
     "apply_plan",
@@ -194,7 +194,7 @@ class LayerRecord:
 
 
 @dataclass
-class ConversionReport:
+class ConversionPlan:
     """What ``plan`` decided and ``apply_plan`` did.
 
     ``language_params`` counts the weights of the language model's Linears (those
@@ -331,7 +331,7 @@ def plan(
     ignore: Iterable[str] | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "cusparselt",
-) -> ConversionReport:
+) -> ConversionPlan:
     """Decide which Linears convert, on any device; raises before any work on what cannot be done.
 
     :param targets: ``None`` (default): every Linear of the language model (vision
@@ -365,7 +365,7 @@ def plan(
         )
     min_shape = shape_constraint(backend, dtype)
     language = language_linears(model)
-    report = ConversionReport(
+    report = ConversionPlan(
         backend=backend,
         dtype=str(dtype).removeprefix("torch."),
         language_params=sum(m.weight.numel() for m in language.values()),
@@ -407,7 +407,7 @@ def plan(
 # ----------------------------------------------------------------------------- the GPU step
 
 
-def apply_plan(model: torch.nn.Module, report: ConversionReport) -> ConversionReport:
+def apply_plan(model: torch.nn.Module, report: ConversionPlan) -> ConversionPlan:
     """Replace the weights ``report`` lists as converted by semi-structured sparse tensors, in place.
 
     Needs the model on an NVIDIA GPU (Ampere or newer). Casts the whole model to
@@ -472,7 +472,7 @@ def to_semi_structured(
     ignore: Iterable[str] | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
-) -> ConversionReport:
+) -> ConversionPlan:
     """Convert every 2:4-pruned Linear of a GPU-resident model to semi-structured sparse weights.
 
     Refuses, before any work: CPU and non-NVIDIA or pre-Ampere GPUs, dtypes
