@@ -17,13 +17,13 @@ import tamp_modifier.cli.run as cli
 from tamp_modifier.demo.model import demo_model_path
 from tamp_modifier.report.saved import load_report
 from tamp_modifier.testing.synthetic import make_calibration_dataset
-from tamp_prune import SHIPPED_RECIPES
-from tamp_prune import main as tamp_prune
+from tamp_modifier.cli.arguments import SHIPPED_RECIPES
+from tamp_modifier.cli.arguments import main as tamp_prune
 
 
 def test_help_imports_neither_torch_nor_llmcompressor():
     code = (
-        "import sys, tamp_prune; text = tamp_prune.parser().format_help(); "
+        "import sys; import tamp_modifier.cli.arguments as front; text = front.parser().format_help(); "
         "assert 'torch' not in sys.modules and 'llmcompressor' not in sys.modules, sorted(sys.modules); "
         "print(text)"
     )

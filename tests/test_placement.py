@@ -25,7 +25,7 @@ from tamp_modifier.text_decoder import (
     outside_decoder_patterns,
     outside_decoder_roots,
 )
-from tamp_prune import main as tamp_prune
+from tamp_modifier.cli.arguments import main as tamp_prune
 
 DECODERS = {  # family: (decoder module, its layers, the layer class), as transformers 5.17 builds them
     "llava": ("model.language_model", "model.language_model.layers", "LlamaDecoderLayer"),

@@ -1,2 +1,2 @@
 """``tamp-prune``'s run (``run``), its recipe checks before loading (``recipe_check``) and its
-console (``console``); the argument parsing that needs no heavy import is ``tamp_prune.py``."""
+console (``console``); the argument parsing and checks that need no heavy import are ``arguments``."""

@@ -12,7 +12,7 @@ that asks nothing of the user (``--verbose`` shows them all):
 - torch.fx's "is_fx_tracing will return true ..." (llm-compressor's tracing);
 - the tokenizers library's fork warning (no parallel tokenising happens here).
 
-llm-compressor's own import-time warnings are kept out by ``tamp_prune.main``,
+llm-compressor's own import-time warnings are kept out by ``arguments.main``,
 which disables its logger before importing it; ``library_logs`` enables it
 again behind the filter. Log lines that name the run's hidden staging folder name the output folder
 instead: that is where the files are once the run succeeds.

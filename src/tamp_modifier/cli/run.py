@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tamp_prune import DEMO_OUTPUT, check_recipe_name, parser
+from tamp_modifier.cli.arguments import DEMO_OUTPUT, check_recipe_name, parser
 
 _parser = parser  # the benchmarks build the demo's arguments with it
 
@@ -256,7 +256,7 @@ def _print_summary(output: Path, seconds: float, sparsity: float, table: str | N
 
 
 def run(args: argparse.Namespace) -> Path:
-    """The whole command, on arguments ``tamp_prune.check_arguments`` accepted."""
+    """The whole command, on arguments ``arguments.check_arguments`` accepted."""
     from tamp_modifier.cli.console import library_logs
 
     with library_logs(args.verbose) as renames:
@@ -301,8 +301,8 @@ def _run(args: argparse.Namespace, renames: dict[str, str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``tamp-prune``; the parsing and the cheap checks are ``tamp_prune.main``'s."""
-    from tamp_prune import main as tamp_prune_main
+    """``tamp-prune``; the parsing and the cheap checks are ``arguments.main``'s."""
+    from tamp_modifier.cli.arguments import main as tamp_prune_main
 
     return tamp_prune_main(argv)
 

@@ -1,9 +1,9 @@
 """``tamp-prune``'s command line, parsed and checked before anything heavy is imported.
 
-Importing ``tamp_modifier`` imports llm-compressor and torch (seconds, and
-warnings about the machine), so ``--help`` and every mistake this module can see
-in the arguments (missing folders, an output that is a file, a recipe that is
-not one) answer at once, in one line. The run itself is ``tamp_modifier.cli.run``.
+Importing llm-compressor and torch takes seconds (and warns about the machine),
+and this module imports neither, so ``--help`` and every mistake it can see in
+the arguments (missing folders, an output that is a file, a recipe that is not
+one) answer at once, in one line. The run itself is ``tamp_modifier.cli.run``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = [
 DEMO_OUTPUT = "tamp-demo-out"
 DEFAULT_RECIPE = "tamp"
 # The files in recipes/ (a test keeps this list equal to them). Listed here so
-# that --help needs no import of the package, whose __init__ loads llm-compressor.
+# that --help lists them without reading the package's data.
 SHIPPED_RECIPES = (
     "das_profile", "das_sparsegpt", "das_wanda", "tamp", "tamp_2of4", "tamp_2of4_fp8",
     "tamp_2of4_w4a16", "tamp_2of4_w8a8", "tamp_fp8", "tamp_sparsegpt", "tamp_sparsegpt_2of4",
