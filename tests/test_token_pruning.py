@@ -9,8 +9,8 @@ import torch
 
 from tamp_modifier.token_pruning import SampleCounts, cls_attention, cls_cosine, keep_mask, knee_count
 from tamp_modifier.token_pruning.knee import clamp_count
-from tamp_modifier.token_pruning.layout import gather_tokens, repack
 from tamp_modifier.token_pruning.scores import received_attention
+from tamp_modifier.token_pruning.token_drop import gather_tokens, repack
 
 # ---------------------------------------------------------------- knee rules
 
