@@ -13,8 +13,8 @@ unpruned prompt, as they do in the prefill).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

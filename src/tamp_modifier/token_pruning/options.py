@@ -54,7 +54,7 @@ class TokenPruningOptions:
             at_least(low, getattr(self, low), 0)
         for low, high in (("min_tokens", "max_tokens"), ("stage2_min_tokens", "stage2_max_tokens")):
             if getattr(self, high) is not None:
-                at_least(high, getattr(self, high), getattr(self, low), why=f"{low}={getattr(self, low)}")
+                at_least(high, getattr(self, high), getattr(self, low), why=f"it may not be below {low}")
         if self.stage2_keep_ratio is not None:
             in_range("stage2_keep_ratio", self.stage2_keep_ratio, 0.0, 1.0, high_inclusive=True)
         if not (self.stage1 or self.stage2):
