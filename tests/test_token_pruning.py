@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tamp_modifier.token_pruning import SampleCounts, cls_attention, cls_cosine, keep_mask, knee_count
 from tamp_modifier.token_pruning.knee import clamp_count
-from tamp_modifier.token_pruning.layout import gather_tokens, repack
 from tamp_modifier.token_pruning.scores import received_attention
+from tamp_modifier.token_pruning.token_drop import gather_tokens, repack
 
 # ---------------------------------------------------------------- knee rules
 
@@ -163,3 +167,20 @@ def test_sample_counts_shares_and_flops():
     def one(n):
         return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
     assert c.flops(d, m) == one(6) + 3 * one(4)
+
+
+# ---------------------------------------------------------------- imports
+
+
+def test_token_pruning_imports_without_llmcompressor():
+    """Token pruning needs no llm-compressor: importing it (and its entry point) loads none, in a fresh
+    interpreter that imports this checkout's package."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = ("import sys, tamp_modifier.token_pruning; assert 'llmcompressor' not in sys.modules; "
+            "from tamp_modifier.token_pruning import enable_token_pruning; "
+            "assert 'llmcompressor' not in sys.modules; "
+            "import tamp_modifier; assert tamp_modifier.__file__.startswith(sys.argv[1]), "
+            "tamp_modifier.__file__")
+    env = dict(os.environ, PYTHONPATH=str(src))
+    done = subprocess.run([sys.executable, "-c", code, str(src)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

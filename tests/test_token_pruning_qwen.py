@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from tamp_modifier.testing.synthetic import build_tiny_model, make_calibration_dataset
 from tamp_modifier.token_pruning import disable_token_pruning, enable_token_pruning, fastv_options, keep_mask
-from tamp_modifier.token_pruning.llava import gather_positions
+from tamp_modifier.token_pruning.token_drop import gather_positions
 
 KEEP_ALL = dict(min_tokens=10**6, stage2_min_tokens=10**6)
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")

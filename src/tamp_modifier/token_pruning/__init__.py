@@ -27,13 +27,8 @@ from __future__ import annotations
 
 from tamp_modifier.token_pruning.accounting import SampleCounts, layer_flops, prefill_flops
 from tamp_modifier.token_pruning.knee import KNEE_RULES, keep_mask, knee_count
-from tamp_modifier.token_pruning.llava import (
-    QWEN_SUPPORTED,
-    TokenPruner,
-    TokenPruningOptions,
-    attached_pruner,
-    set_attached,
-)
+from tamp_modifier.token_pruning.options import QWEN_SUPPORTED, TokenPruningOptions
+from tamp_modifier.token_pruning.pruner import TokenPruner, attached_pruner, set_attached
 from tamp_modifier.token_pruning.qwen_vl import QwenVLTokenPruner
 from tamp_modifier.token_pruning.scores import (
     cls_attention,

@@ -1,4 +1,11 @@
-"""Dropping tokens from a left-padded batch: which slots survive, re-padded on the left.
+"""Dropping tokens from a left-padded batch and re-padding it: the one sequence edit both stages make.
+
+Stage 1 drops visual tokens before the language model, stage 2 drops tokens
+after layer ``layer - 1``; both keep the survivors in order, left-padded to the
+longest row (``repack``), and carry along what goes with each token: hidden
+states and RoPE tables (``gather_tokens``), position ids, M-RoPE ones included
+(``gather_positions``). Hence the name: what is done to the sequence, not how
+it is laid out.
 
     >>> keep = torch.tensor([[True, False, True], [True, True, True]])
     >>> index, valid = repack(keep)
@@ -10,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_tokens", "repack"]
+__all__ = ["gather_positions", "gather_tokens", "repack"]
 
 
 def repack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,3 +49,11 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         x = x.expand(index.shape[0], *x.shape[1:])
     shape = (*index.shape, *([1] * (x.dim() - 2)))
     return torch.gather(x, 1, index.view(shape).expand(*index.shape, *x.shape[2:]))
+
+
+def gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The position ids of the kept slots: ``[B, L]`` (or ``[1, L]``) as ``gather_tokens``; Qwen's
+    M-RoPE ``[R, B, L]`` (R = 3 axes, or 4 with generate's text row first) gathered per row."""
+    if position_ids.dim() == 2:
+        return gather_tokens(position_ids, index)
+    return torch.stack([gather_tokens(p, index) for p in position_ids])
