@@ -174,11 +174,15 @@ class AdaptiveInputActivation(SparsityModifierBase):
         """Per-layer ratios by module name (DiversityAwareSparsity calls this)."""
         self._layer_sparsity = dict(ratios)
 
-    # LayerRatioPruner (modifiers/ratio_handover.py), natively; ``pruning_step`` also
-    # makes it one of the steps the pattern check knows (modifiers/pattern_check.py).
+    # LayerRatioPruner (modifiers/ratio_handover.py) and PatternCheckingStep
+    # (modifiers/pattern_check.py), natively.
     @property
     def pruning_step(self) -> "AdaptiveInputActivation":
         return self  # it prunes itself
+
+    @property
+    def checks_sparsity_pattern(self) -> bool:
+        return True  # on_finalize runs check_pattern_kept
 
     @property
     def data_parallel(self) -> bool:

@@ -172,6 +172,10 @@ class DiversityAwareSparsity(Modifier):
         """The recipe step that prunes at its ratios (for ``pattern_check``)."""
         return self._pruner.pruning_step if self._pruner is not None else None
 
+    @property
+    def checks_sparsity_pattern(self) -> bool:
+        return True  # a pattern_check.PatternCheckingStep
+
     # ------------------------------------------------------------------ lifecycle
 
     def on_initialize(self, state: State, **kwargs) -> bool:

@@ -34,14 +34,16 @@ _BREAKS_PATTERN = {
 
 @runtime_checkable
 class PatternCheckingStep(Protocol):
-    """One of our modifiers (DAS, AMIA): the last of them in the recipe runs the check.
-
-    ``pruning_step`` is the recipe step whose pattern it answers for: itself for a
-    pruner, the pruner it handed its ratios to for DAS, None when nothing is pruned.
-    """
+    """One of our modifiers (DAS, AMIA): each runs the check, but only the last in the recipe checks."""
 
     @property
-    def pruning_step(self) -> Modifier | None: ...
+    def checks_sparsity_pattern(self) -> bool:
+        """True: it calls ``warn_pattern_breaking_steps`` and ``check_pattern_kept``."""
+
+    @property
+    def pruning_step(self) -> Modifier | None:
+        """The recipe step whose pattern it answers for: itself for a pruner, the pruner it
+        handed its ratios to for DAS, None when nothing is pruned."""
 
 
 def _recipe_modifiers() -> list[Modifier]:
@@ -49,7 +51,7 @@ def _recipe_modifiers() -> list[Modifier]:
 
 
 def _ours(modifiers: list[Modifier]) -> list[PatternCheckingStep]:
-    return [m for m in modifiers if isinstance(m, PatternCheckingStep)]
+    return [m for m in modifiers if isinstance(m, PatternCheckingStep) and m.checks_sparsity_pattern]
 
 
 def _pruning_step(modifiers: list[Modifier]) -> Modifier | None:
