@@ -171,7 +171,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
         return self
 
     def set_layer_sparsity(self, ratios: dict[str, float]) -> None:
-        """Per-layer ratios by module name (DiversityAwareSparsity calls this)."""
+        """Per-layer ratios by module name (DiversityAwareSparsity's, through ``set_layer_ratios``)."""
         self._layer_sparsity = dict(ratios)
 
     # LayerRatioPruner (modifiers/ratio_handover.py) and PatternCheckingStep
