@@ -104,5 +104,5 @@ def test_profile_samples_scores_the_first_samples_and_the_pruner_uses_all(tiny):
 
 
 def test_profile_samples_must_be_positive():
-    with pytest.raises(ValueError, match="profile_samples must be a positive integer"):
+    with pytest.raises(ValueError, match="profile_samples must be >= 1"):
         DiversityAwareSparsity(profile_samples=0)

@@ -28,6 +28,7 @@ from tamp_modifier.modifiers.distributed import (
 )
 from tamp_modifier.modifiers.layer_statistics import RECONSTRUCTIONS, ChannelNorms, TokenHessians
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
+from tamp_modifier.modifiers.ratio_handover import pruned_by_targets
 from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.pruning.modality import resolve_modality_token_ids
@@ -170,8 +171,33 @@ class AdaptiveInputActivation(SparsityModifierBase):
         return self
 
     def set_layer_sparsity(self, ratios: dict[str, float]) -> None:
-        """Per-layer ratios by module name (DiversityAwareSparsity calls this)."""
+        """Per-layer ratios by module name (DiversityAwareSparsity's, through ``set_layer_ratios``)."""
         self._layer_sparsity = dict(ratios)
+
+    # LayerRatioPruner (modifiers/ratio_handover.py) and PatternCheckingStep
+    # (modifiers/pattern_check.py), natively.
+    @property
+    def pruning_step(self) -> "AdaptiveInputActivation":
+        return self  # it prunes itself
+
+    @property
+    def checks_sparsity_pattern(self) -> bool:
+        return True  # on_finalize runs check_pattern_kept
+
+    @property
+    def data_parallel(self) -> bool:
+        return True  # compress_modules sums every rank's statistics
+
+    def pruned_modules(self, model: torch.nn.Module) -> list[str]:
+        return list(pruned_by_targets(model, self.targets, self.ignore))
+
+    def set_layer_ratios(self, model: torch.nn.Module, allocated: dict[str, float],
+                         assigned: dict[str, float]) -> dict[str, float]:
+        self.set_layer_sparsity(assigned)  # by module name: no target list to fit
+        return dict(assigned)
+
+    def restore(self) -> None:
+        pass  # the ratios live beside ``sparsity``, which keeps its recipe value
 
     @property
     def _needs_attention(self) -> bool:

@@ -5,34 +5,28 @@ from __future__ import annotations
 import math
 
 import torch
-from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
-from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from tamp_modifier.deploy.save_hook import install_save_hook
-from tamp_modifier.modifiers.adaptive_input_activation import AdaptiveInputActivation
-from tamp_modifier.modifiers.distributed import (
-    any_rank,
-    broadcast_object,
-    is_distributed,
-    sum_across_ranks,
-    world_size,
+from tamp_modifier.modifiers.das_across_ranks import (
+    samples_across_ranks,
+    sum_accumulators_across_ranks,
+    tokens_across_ranks,
 )
+from tamp_modifier.modifiers.das_targets import (
+    adopted_sparsity,
+    check_data_parallel,
+    check_scopes_agree,
+    decoder_blocks,
+    scored_modules,
+)
+from tamp_modifier.modifiers.distributed import any_rank, broadcast_object, world_size
 from tamp_modifier.modifiers.pattern_check import check_pattern_kept, warn_pattern_breaking_steps
-from tamp_modifier.modifiers.ratio_handover import (
-    check_pruner,
-    following_pruner,
-    hand_over,
-    modules_pruned_by,
-)
-from tamp_modifier.modifiers.scope import (
-    SCOPES,
-    confine_to_text_decoder,
-    modules_outside_decoder,
-)
+from tamp_modifier.modifiers.ratio_handover import LayerRatioPruner, check_pruner, following_pruner
+from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder
 from tamp_modifier.modifiers.single_pass_pipeline import ObservedPipelineRun
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.pruning.allocation import (
@@ -45,10 +39,9 @@ from tamp_modifier.pruning.allocation import (
 from tamp_modifier.pruning.diversity import DiversityAccumulator, term_names
 from tamp_modifier.pruning.modality import resolve_modality_token_ids
 from tamp_modifier.report.saved import REPORT_FILE_NAME, load_report
-from tamp_modifier.report.sections import attach_section
+from tamp_modifier.report.sections import attach_section, das_section
 from tamp_modifier.report.tables import format_table
-from tamp_modifier.text_decoder import find_text_decoder
-from tamp_modifier.validation import one_of
+from tamp_modifier.validation import as_list, at_least, one_of
 
 __all__ = ["DiversityAwareSparsity"]
 
@@ -65,6 +58,21 @@ class DiversityAwareSparsity(Modifier):
     recipe (``WandaPruningModifier``, ``SparseGPTModifier`` or
     ``AdaptiveInputActivation``) then prunes each layer at its ratio. Alone, it is
     a profiling run: nothing is pruned and the scores are reported.
+
+    Lifecycle:
+
+    - on_initialize: find the pruner after it (``ratio_handover.LayerRatioPruner``),
+      agree with it on one sparsity, scope and set of Linears (``das_targets``)
+    - on_calibration_start: one pass per subgraph (``single_pass_pipeline``),
+      token labels, a forward hook per scored Linear
+    - forward hook (per sample): add the output tokens to the layer's
+      ``DiversityAccumulator``
+    - on_sequential_epoch_end: stop early on bad data (non-finite outputs,
+      declared modalities absent)
+    - on_calibration_end: sum over ranks (``das_across_ranks``), score, allocate
+      (``pruning.allocation``), hand the ratios to the pruner, attach the report
+      section (``report.sections.das_section``)
+    - on_finalize: the pruner puts its recipe fields back (``restore``), the pattern check
 
     Scores, terms and ratios are written to ``tamp_report.json`` next to the saved
     model; ``tamp_modifier.reallocate`` or the ``profile`` field reuse them for
@@ -120,8 +128,7 @@ class DiversityAwareSparsity(Modifier):
     profile_samples: int | None = None
     requires_calibration_data: bool = Field(default=True)
 
-    _pruner: Modifier | None = PrivateAttr(default=None)
-    _pruner_sparsity: object = PrivateAttr(default=None)
+    _pruner: LayerRatioPruner | None = PrivateAttr(default=None)
     _modules: dict[str, torch.nn.Module] = PrivateAttr(default_factory=dict)
     _blocks: dict[str, str] = PrivateAttr(default_factory=dict)
     _modalities: list[str] = PrivateAttr(default_factory=list)
@@ -142,21 +149,32 @@ class DiversityAwareSparsity(Modifier):
 
     @field_validator("targets", "ignore", mode="before")
     @classmethod
-    def _listify(cls, value):
-        # A bare string is the classic silent failure in llm-compressor pruners.
-        return [value] if isinstance(value, str) else value
+    def _as_list(cls, value):
+        return as_list(value)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "DiversityAwareSparsity":
         if self.sparsity is not None:
             check_sparsity_bounds(self.sparsity, self.max_delta)
-        if self.profile_samples is not None and self.profile_samples < 1:
-            raise ValueError(
-                f"profile_samples must be a positive integer or null, got {self.profile_samples}"
-            )
+        if self.profile_samples is not None:
+            at_least("profile_samples", self.profile_samples, 1, why="a number of samples, or null for all")
         if self.profile is not None:
             self.requires_calibration_data = False
         return self
+
+    @property
+    def pruner(self) -> LayerRatioPruner | None:
+        """The pruner after it in the recipe that takes its ratios (None: a profiling run)."""
+        return self._pruner
+
+    @property
+    def pruning_step(self) -> Modifier | None:
+        """The recipe step that prunes at its ratios (for ``pattern_check``)."""
+        return self._pruner.pruning_step if self._pruner is not None else None
+
+    @property
+    def checks_sparsity_pattern(self) -> bool:
+        return True  # a pattern_check.PatternCheckingStep
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -165,11 +183,11 @@ class DiversityAwareSparsity(Modifier):
         self._pruner = following_pruner(active_session().lifecycle.recipe.modifiers, self)
         if self._pruner is not None:
             check_pruner(self._pruner)
-            self._check_data_parallel()
-            self._adopt_pruner_sparsity()
-            self._check_scopes_agree()
+            check_data_parallel(self._pruner)
+            self.sparsity = adopted_sparsity(self.sparsity, self._pruner)
+            check_scopes_agree(self.scope, self._pruner)
             if self.scope == "text_decoder":
-                confine_to_text_decoder(self, model, pruner=self._pruner)
+                confine_to_text_decoder(self, model, pruner=self._pruner.pruning_step)
         elif self.sparsity is None:
             raise ValueError(
                 "DiversityAwareSparsity has no pruning modifier after it and no "
@@ -178,8 +196,8 @@ class DiversityAwareSparsity(Modifier):
             )
         check_sparsity_bounds(self.sparsity, self.max_delta)
 
-        self._modules = self._resolve_modules(model)
-        self._blocks = self._resolve_blocks(model, kwargs.get("sequential_targets"))
+        self._modules = scored_modules(model, self.targets, self.ignore, self.scope, self._pruner)
+        self._blocks = decoder_blocks(model, self._modules, kwargs.get("sequential_targets"))
         self._token_ids = resolve_modality_token_ids(model.config, self.modality_token_ids)
         if self.diversity == "all_tokens":
             self._modalities = ["all"]
@@ -198,7 +216,7 @@ class DiversityAwareSparsity(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         running = active_session().lifecycle.recipe.modifiers
-        if self._pruner is not None and self._pruner in running:
+        if self._pruner is not None and self._pruner.pruning_step in running:
             raise ValueError(
                 "DiversityAwareSparsity must finish its calibration before the pruner "
                 "starts, but both share one calibration pipeline. Use "
@@ -252,9 +270,11 @@ class DiversityAwareSparsity(Modifier):
             self.on_sequential_epoch_end(state, event)  # last checks
             # Counted now, not at the early modality check: padding is only known
             # once the decoder blocks have run (from their attention masks).
-            self._tokens_seen = self._count_tokens() if self.diversity == "modality" else None
-            self._samples_scored = int(sum_across_ranks([torch.tensor(len(self._labels))])[0])
-            self._reduce_across_ranks()
+            self._tokens_seen = (tokens_across_ranks(self._labels, self._modalities)
+                                 if self.diversity == "modality" else None)
+            self._samples_scored = samples_across_ranks(self._labels)
+            sum_accumulators_across_ranks([self._accumulators[n] for n in self._modules],
+                                          len(term_names(self._modalities)))
             layers = self._layer_scores()
         else:
             layers = self._profile_layers()
@@ -268,120 +288,12 @@ class DiversityAwareSparsity(Modifier):
         self.remove_hooks()
         if self._run is not None:
             self._run.restore()
-        if self._pruner is not None and self._pruner_sparsity is not None:
-            # The saved recipe.yaml should read as written, one global sparsity,
-            # so that re-running it reproduces this run.
-            self._pruner.sparsity = self._pruner_sparsity
+        if self._pruner is not None:
+            self._pruner.restore()  # the saved recipe.yaml reads as written
         check_pattern_kept(self, state.model)
         return True
 
     # ------------------------------------------------------------------ set-up
-
-    def _adopt_pruner_sparsity(self) -> None:
-        pruner_sparsity = float(self._pruner.sparsity) if self._pruner.sparsity is not None else None
-        if self.sparsity is None:
-            if pruner_sparsity is None:
-                raise ValueError("neither DiversityAwareSparsity nor the pruner after it has a sparsity")
-            self.sparsity = pruner_sparsity
-        elif pruner_sparsity is not None and not math.isclose(self.sparsity, pruner_sparsity):
-            raise ValueError(
-                f"DiversityAwareSparsity has sparsity {self.sparsity} but "
-                f"{type(self._pruner).__name__} has {pruner_sparsity}: give one target "
-                "(leave DiversityAwareSparsity's sparsity out to use the pruner's)"
-            )
-        self._pruner_sparsity = self._pruner.sparsity
-
-    def _check_scopes_agree(self) -> None:
-        theirs = getattr(self._pruner, "scope", None)
-        if theirs is not None and theirs != self.scope:
-            raise ValueError(
-                f"DiversityAwareSparsity has scope {self.scope!r} but {type(self._pruner).__name__} has "
-                f"{theirs!r}: they must score and prune the same layers; give both the same scope"
-            )
-
-    def _check_data_parallel(self) -> None:
-        # llm-compressor 0.14's Wanda and SparseGPT keep each rank's statistics to
-        # themselves under torchrun: every rank would prune with its own share of
-        # the samples and write its own masks into the weights the ranks share.
-        if is_distributed() and not isinstance(self._pruner, AdaptiveInputActivation):
-            raise ValueError(
-                f"{type(self._pruner).__name__} is not data-parallel in llm-compressor 0.14 "
-                f"(this run has {world_size()} ranks): each rank would prune with its own "
-                "share of the calibration samples. Under torchrun use AdaptiveInputActivation "
-                "as the pruner (token_selection: all is Wanda's rule), or run in one process."
-            )
-
-    def _resolve_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        own = None
-        if self.targets is not None or self.ignore is not None:
-            targets = self.targets if self.targets is not None else ["Linear"]
-            own = {
-                n: m
-                for n, m in match_named_modules(model, targets, self.ignore or [])
-                if isinstance(m, torch.nn.Linear)
-            }
-            if not own:
-                raise ValueError(
-                    f"DiversityAwareSparsity targets {targets} with ignore {self.ignore} "
-                    "match no Linear module; check the patterns (`re:` patterns match "
-                    "from the start of the name: write `re:.*q_proj`)"
-                )
-        if own is not None or self._pruner is None:
-            own = self._within_scope(model, own)
-        if self._pruner is None:
-            return own
-        pruned = modules_pruned_by(self._pruner, model)
-        if not pruned:
-            raise ValueError(
-                f"{type(self._pruner).__name__}'s targets/ignore match nothing to prune; "
-                'check its patterns (targets: ["Linear"] as a list)'
-            )
-        modules = self._within_scope(model, {n: model.get_submodule(n) for n in pruned})
-        not_linear = [n for n, m in modules.items() if not isinstance(m, torch.nn.Linear)]
-        if not_linear:
-            raise ValueError(
-                f"DiversityAwareSparsity scores Linear layers only; the pruner also prunes "
-                f"{not_linear[:3]}: add them to its ignore list"
-            )
-        if own is not None and set(own) != set(modules):
-            extra, missing = sorted(set(own) - set(modules)), sorted(set(modules) - set(own))
-            raise ValueError(
-                "DiversityAwareSparsity and the pruner after it must cover the same "
-                f"layers. Only DAS: {extra[:3]}; only the pruner: {missing[:3]}. Leave "
-                "DAS's targets/ignore out to use the pruner's."
-            )
-        return modules
-
-    def _within_scope(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module] | None,
-                      ) -> dict[str, torch.nn.Module]:
-        """The modules DAS may score: inside the text decoder's layers (``scope``).
-
-        ``None`` stands for every Linear (a profiling run without patterns).
-        """
-        if modules is None:
-            modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        if self.scope == "text_decoder":
-            decoder = find_text_decoder(model)
-            return {n: m for n, m in modules.items() if decoder.contains(n)}
-        outside = modules_outside_decoder(model, modules)
-        if outside:
-            raise ValueError(
-                f"DiversityAwareSparsity would score {len(outside)} Linears outside every text-decoder "
-                f"layer ({', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}): it labels the "
-                "decoder's tokens by modality, which a tower's inputs do not have. Use scope: text_decoder "
-                "(the default), or add them to the pruner's ignore list"
-            )
-        return modules
-
-    def _resolve_blocks(self, model: torch.nn.Module, sequential_targets) -> dict[str, str]:
-        """Each module's decoder block: the sequential target that contains it."""
-        targets = infer_sequential_targets(model, sequential_targets)
-        block_names = [n for n, _ in match_named_modules(model, targets)]
-        blocks = {}
-        for name in self._modules:
-            owners = [b for b in block_names if name.startswith(b + ".")]
-            blocks[name] = max(owners, key=len) if owners else name.rpartition(".")[0]
-        return blocks
 
     def _check_profile(self) -> None:
         das = load_report(self.profile).get("das") or {}
@@ -423,7 +335,7 @@ class DiversityAwareSparsity(Modifier):
         self._checked_modalities = True
         if self.diversity != "modality":
             return
-        seen = self._count_tokens()
+        seen = tokens_across_ranks(self._labels, self._modalities)
         absent = [m for m, c in seen.items() if c == 0 and m != "text"]
         declared = set(self.modality_token_ids or {})
         if absent and declared & set(absent):
@@ -437,30 +349,6 @@ class DiversityAwareSparsity(Modifier):
                 "DiversityAwareSparsity: the calibration data has no non-text token "
                 f"(looked for {self._token_ids}); layers are scored on text diversity only"
             )
-
-    def _count_tokens(self) -> dict[str, int]:
-        """Tokens per modality over all ranks' samples."""
-        local = torch.tensor(self._labels.counts(len(self._modalities)), dtype=torch.long)
-        return dict(zip(self._modalities, sum_across_ranks([local])[0].tolist()))
-
-    def _reduce_across_ranks(self) -> None:
-        """Sum every layer's term sums and counts over the ranks (no-op in one process).
-
-        The sums are float64 totals of float32 per-sample terms, so they do not
-        depend on which rank saw which sample, nor in what order, beyond about
-        1e-16 relative: the scores equal a single-process run's on the same samples.
-        """
-        if not is_distributed():
-            return
-        names = list(self._modules)  # the model's order: the same on every rank
-        num_terms = len(term_names(self._modalities))
-        accs = [self._accumulators[n] for n in names]
-        zeros = torch.zeros(num_terms, dtype=torch.float64)
-        sums = [a.sums if a.sums is not None else zeros for a in accs]
-        counts = [a.counts if a.counts is not None else zeros.long() for a in accs]
-        reduced = sum_across_ranks(sums + counts)
-        for i, acc in enumerate(accs):
-            acc.sums, acc.counts = reduced[i], reduced[len(accs) + i]
 
     def _layer_scores(self) -> dict[str, dict]:
         layers = {}
@@ -501,36 +389,19 @@ class DiversityAwareSparsity(Modifier):
         allocated = broadcast_object(allocated, src=0)
         assigned = snap_to_rows(allocated, columns)
         if self._pruner is not None:
-            assigned = hand_over(self._pruner, model, allocated, assigned)
-        total = sum(sizes.values())
-        report = {
-            "method": "DiversityAwareSparsity",
-            "sparsity": self.sparsity,
-            "allocation": self.allocation,
-            "max_delta": self.max_delta,
-            "diversity": self.diversity,
-            "granularity": self.granularity,
-            "modality_token_ids": self._token_ids,
-            "tokens": self._tokens_seen,
-            "samples": self._samples_scored if self.profile is None else None,
-            "ranks": world_size(),
-            "pruner": type(self._pruner).__name__ if self._pruner is not None else None,
-            "global": {
-                "allocated": sum(allocated[n] * sizes[n] for n in sizes) / total,
-                "assigned": sum(assigned[n] * sizes[n] for n in sizes) / total,
-            },
-            "layers": {
-                n: {
-                    "block": self._blocks[n],
-                    "num_weights": sizes[n],
-                    "columns": columns[n],
-                    **layers[n],
-                    "allocated": allocated[n],
-                    "assigned": assigned[n],
-                }
-                for n in self._modules
-            },
-        }
+            assigned = self._pruner.set_layer_ratios(model, allocated, assigned)
+        settings = {"sparsity": self.sparsity, "allocation": self.allocation, "max_delta": self.max_delta,
+                    "diversity": self.diversity, "granularity": self.granularity,
+                    "modality_token_ids": self._token_ids}
+        report = das_section(
+            settings,
+            tokens=self._tokens_seen,
+            samples=self._samples_scored if self.profile is None else None,
+            ranks=world_size(),
+            pruner=type(self.pruning_step).__name__ if self._pruner is not None else None,
+            blocks=self._blocks, sizes=sizes, columns=columns, layers=layers,
+            allocated=allocated, assigned=assigned,
+        )
         attach_section(model, "das", report)
         install_save_hook(model)
         low, high = min(assigned, key=assigned.get), max(assigned, key=assigned.get)

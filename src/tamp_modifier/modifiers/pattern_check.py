@@ -12,6 +12,8 @@ that ran after the pruner and says how much of the pattern survived.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from compressed_tensors.utils import align_module_device
 from llmcompressor.core import active_session
@@ -21,29 +23,44 @@ from loguru import logger
 from tamp_modifier.pruning.sparsity_pattern import compare_patterns, describe_pattern, layer_pattern
 from tamp_modifier.report.sections import attach_section, attached_report, expected_pattern
 
-__all__ = ["check_pattern_kept", "warn_pattern_breaking_steps"]
+__all__ = ["PatternCheckingStep", "check_pattern_kept", "warn_pattern_breaking_steps"]
 
 # Steps measured to refill pruned weights, and what was seen.
 _BREAKS_PATTERN = {
     "GPTQModifier": "GPTQ updates pruned weights while it quantizes (llm-compressor 0.14 measured "
                     "47.9% zeros left of 50%, 92% of 4-groups still 2:4)",
 }
-_OURS = ("DiversityAwareSparsity", "AdaptiveInputActivation")
+
+
+@runtime_checkable
+class PatternCheckingStep(Protocol):
+    """One of our modifiers (DAS, AMIA): each runs the check, but only the last in the recipe checks."""
+
+    @property
+    def checks_sparsity_pattern(self) -> bool:
+        """True: it calls ``warn_pattern_breaking_steps`` and ``check_pattern_kept``."""
+
+    @property
+    def pruning_step(self) -> Modifier | None:
+        """The recipe step whose pattern it answers for: itself for a pruner, the pruner it
+        handed its ratios to for DAS, None when nothing is pruned."""
 
 
 def _recipe_modifiers() -> list[Modifier]:
     return list(active_session().lifecycle.recipe.modifiers or [])
 
 
+def _ours(modifiers: list[Modifier]) -> list[PatternCheckingStep]:
+    return [m for m in modifiers if isinstance(m, PatternCheckingStep) and m.checks_sparsity_pattern]
+
+
 def _pruning_step(modifiers: list[Modifier]) -> Modifier | None:
-    """The step whose pattern we check: AMIA, else the pruner following DAS."""
-    names = [type(m).__name__ for m in modifiers]
-    if "AdaptiveInputActivation" in names:
-        return modifiers[names.index("AdaptiveInputActivation")]
-    if "DiversityAwareSparsity" in names:
-        das = modifiers[names.index("DiversityAwareSparsity")]
-        return getattr(das, "_pruner", None)
-    return None
+    """The step whose pattern we check: the first of ours that prunes itself, else the first's pruner."""
+    ours = _ours(modifiers)
+    pruners = [m for m in ours if m.pruning_step is m]
+    if pruners:
+        return pruners[0]
+    return ours[0].pruning_step if ours else None
 
 
 def _steps_after(modifiers: list[Modifier], step: Modifier) -> list[str]:
@@ -70,7 +87,7 @@ def warn_pattern_breaking_steps(owner: Modifier) -> None:
 
 
 def _is_last_of_ours(owner: Modifier, modifiers: list[Modifier]) -> bool:
-    ours = [m for m in modifiers if type(m).__name__ in _OURS]
+    ours = _ours(modifiers)
     return bool(ours) and ours[-1] is owner
 
 

@@ -26,6 +26,43 @@ def attach_section(model: torch.nn.Module, section: str, data: dict) -> None:
     model.__dict__.setdefault(_ATTR, {})[section] = data
 
 
+def das_section(settings: dict, *, tokens: dict[str, int] | None, samples: int | None, ranks: int,
+                pruner: str | None, blocks: dict[str, str], sizes: dict[str, int], columns: dict[str, int],
+                layers: dict[str, dict], allocated: dict[str, float], assigned: dict[str, float]) -> dict:
+    """DiversityAwareSparsity's section: its settings, the run's totals and one entry per scored layer.
+
+    ``settings`` are DAS's (sparsity, allocation, max_delta, diversity, granularity,
+    modality_token_ids), ``layers`` each layer's ``score`` and ``terms``;
+    ``allocated`` / ``assigned`` its ratio before / after snapping to whole weights
+    per row (or as the pruner took it). The global ratios are weighted by
+    ``sizes``, the layers' weight counts.
+    """
+    total = sum(sizes.values())
+    return {
+        "method": "DiversityAwareSparsity",
+        **settings,
+        "tokens": tokens,
+        "samples": samples,
+        "ranks": ranks,
+        "pruner": pruner,
+        "global": {
+            "allocated": sum(allocated[n] * sizes[n] for n in sizes) / total,
+            "assigned": sum(assigned[n] * sizes[n] for n in sizes) / total,
+        },
+        "layers": {
+            n: {
+                "block": blocks[n],
+                "num_weights": sizes[n],
+                "columns": columns[n],
+                **layers[n],
+                "allocated": allocated[n],
+                "assigned": assigned[n],
+            }
+            for n in sizes
+        },
+    }
+
+
 def expected_pattern(report: dict) -> dict[str, dict]:
     """What the recipe's pruning step meant to leave, per layer, from a report.
 

@@ -22,12 +22,11 @@ llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier`` accept.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import SimpleNamespace
 
 import torch
 from compressed_tensors.utils import match_named_modules
 
-from tamp_modifier.modifiers.ratio_handover import modules_pruned_by
+from tamp_modifier.modifiers.ratio_handover import pruned_by_targets
 from tamp_modifier.pruning.wanda_rule import parse_mask_structure, prune_mask
 from tamp_modifier.text_decoder import TOWER_IGNORE
 from tamp_modifier.validation import as_list, in_range
@@ -191,10 +190,10 @@ def owl_sparsity_list(
     WITHOUT ``ignore`` and checks its length against them, so every target gets
     a value: its pruned modules' block sparsity (a module belongs to the
     longest block name prefixing it), and an unused 0.0 where all its modules
-    are ignored. Pruned modules are named as ``ratio_handover.modules_pruned_by``.
+    are ignored. Pruned modules are named as ``ratio_handover.pruned_by_targets``.
     """
     targets, ignore = as_list(targets) or [], as_list(ignore) or []
-    pruned = modules_pruned_by(SimpleNamespace(targets=targets, ignore=ignore), model)
+    pruned = pruned_by_targets(model, targets, ignore)
     if not pruned:
         raise ValueError(f"targets={targets} with ignore={ignore} leave nothing to prune")
     by_target: dict[str, set[float]] = {}
