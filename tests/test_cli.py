@@ -14,11 +14,11 @@ import pytest
 from conftest import RECIPES, run_oneshot
 
 import tamp_modifier.cli.run as cli
+from tamp_modifier.cli.arguments import SHIPPED_RECIPES
+from tamp_modifier.cli.arguments import main as tamp_prune
 from tamp_modifier.demo.model import demo_model_path
 from tamp_modifier.report.saved import load_report
 from tamp_modifier.testing.synthetic import make_calibration_dataset
-from tamp_modifier.cli.arguments import SHIPPED_RECIPES
-from tamp_modifier.cli.arguments import main as tamp_prune
 
 
 def test_help_imports_neither_torch_nor_llmcompressor():

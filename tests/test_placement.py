@@ -17,6 +17,7 @@ from conftest import RECIPES, assert_reloads_equal, assert_reloads_to_the_same_l
 from datasets import Dataset
 
 from tamp_modifier import AdaptiveInputActivation, DiversityAwareSparsity, load_report
+from tamp_modifier.cli.arguments import main as tamp_prune
 from tamp_modifier.testing.synthetic import FAMILIES, family_of, make_calibration_dataset
 from tamp_modifier.text_decoder import (
     TOWER_IGNORE,
@@ -25,7 +26,6 @@ from tamp_modifier.text_decoder import (
     outside_decoder_patterns,
     outside_decoder_roots,
 )
-from tamp_modifier.cli.arguments import main as tamp_prune
 
 DECODERS = {  # family: (decoder module, its layers, the layer class), as transformers 5.17 builds them
     "llava": ("model.language_model", "model.language_model.layers", "LlamaDecoderLayer"),
