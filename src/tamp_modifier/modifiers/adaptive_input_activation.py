@@ -35,6 +35,7 @@ from tamp_modifier.pruning.selection_accumulator import (
     TOKEN_SELECTIONS,
     SelectionAccumulator,
     TokenChoice,
+    last_query_attention,
     random_selection_seed,
 )
 from tamp_modifier.pruning.token_weighting import TOKEN_WEIGHTINGS
@@ -266,11 +267,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 )
             batch = active_session().state.current_batch_idx
             labels = self._labels.current(weights.shape[:1] + weights.shape[-1:])
-            # The last real token's query row, averaged over heads.
-            positions = torch.arange(labels.shape[1]).expand_as(labels)
-            last = torch.where(labels >= 0, positions, -1).amax(1).to(weights.device)
-            rows = weights[torch.arange(weights.shape[0], device=weights.device), :, last]
-            self._attention[block] = (batch, rows.float().mean(1).detach())
+            self._attention[block] = (batch, last_query_attention(weights, labels))
             for args in self._pending.pop(block, []):
                 self._accumulate(*args)
 

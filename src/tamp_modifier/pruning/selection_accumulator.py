@@ -25,10 +25,25 @@ import torch
 
 from tamp_modifier.pruning.token_selection import attention_tokens, random_tokens, select_tokens
 from tamp_modifier.pruning.token_weighting import weighted_rows
+from tamp_modifier.validation import one_of
 
-__all__ = ["TOKEN_SELECTIONS", "SelectionAccumulator", "TokenChoice", "random_selection_seed"]
+__all__ = ["TOKEN_SELECTIONS", "SelectionAccumulator", "TokenChoice", "last_query_attention",
+           "random_selection_seed"]
 
 TOKEN_SELECTIONS = ("amia", "attention", "random", "all")
+
+
+def last_query_attention(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's last real token's attention to every token, averaged over heads.
+
+    :param weights: ``[B, heads, L, L]`` a block's attention weights
+    :param labels: ``[B, L]`` modality per token, negative for padding (on any device)
+    :return: ``[B, L]`` float32, on ``weights``' device
+    """
+    positions = torch.arange(labels.shape[1]).expand_as(labels)
+    last = torch.where(labels >= 0, positions, -1).amax(1).to(weights.device)
+    rows = weights[torch.arange(weights.shape[0], device=weights.device), :, last]
+    return rows.float().mean(1).detach()
 
 
 def random_selection_seed(seed: int, layer: str, sample_fingerprint: int) -> int:
@@ -56,6 +71,9 @@ class TokenChoice:
     penalty_gamma: float = 0.2
     mmd_scale: float = 0.1
     random_tokens: int = 100
+
+    def __post_init__(self) -> None:
+        one_of("token_selection", self.selection, TOKEN_SELECTIONS)
 
     @property
     def needs_attention(self) -> bool:
