@@ -37,7 +37,7 @@ def last_query_attention(weights: torch.Tensor, labels: torch.Tensor) -> torch.T
     """Each sample's last real token's attention to every token, averaged over heads.
 
     :param weights: ``[B, heads, L, L]`` a block's attention weights
-    :param labels: ``[B, L]`` modality per token, negative for padding (on any device)
+    :param labels: ``[B, L]`` modality per token, negative for padding (on the CPU, as recorded)
     :return: ``[B, L]`` float32, on ``weights``' device
     """
     positions = torch.arange(labels.shape[1]).expand_as(labels)
