@@ -262,6 +262,23 @@ def test_one_process_helpers_are_identities():
     assert rank_share(data) is data
 
 
+def test_one_process_results_are_computed_just_before_use():
+    from tamp_modifier.modifiers.distributed import assign_to_ranks, results_from_owners
+
+    modules = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)]
+    computed = []
+
+    def mask(module):
+        computed.append(module)
+        return module.weight > 0
+
+    owner = assign_to_ranks(modules, [m.weight.numel() for m in modules])
+    for i, (module, result) in enumerate(results_from_owners(modules, owner, mask, lambda m: torch.bool)):
+        assert computed == modules[: i + 1]  # one result in memory at a time
+        assert module is modules[i] and torch.equal(result, module.weight > 0)
+        assert not torch.is_grad_enabled()
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     rank_main(Path(sys.argv[1]))

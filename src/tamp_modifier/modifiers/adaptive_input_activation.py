@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-import zlib
+from collections.abc import Iterable
 
 import torch
-from compressed_tensors.utils import align_module_device, match_named_modules, update_offload_parameter
+from compressed_tensors.utils import match_named_modules, update_offload_parameter
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
 from loguru import logger
@@ -18,9 +18,9 @@ from tamp_modifier.modifiers.distributed import (
     assign_to_ranks,
     barrier,
     broadcast_object,
-    broadcast_tensor,
     is_distributed,
     rank,
+    results_from_owners,
     shares_offload,
     sum_across_ranks,
     union_across_ranks,
@@ -32,15 +32,19 @@ from tamp_modifier.modifiers.ratio_handover import pruned_by_targets
 from tamp_modifier.modifiers.scope import SCOPES, confine_to_text_decoder
 from tamp_modifier.modifiers.token_labels import CalibrationTokenLabels
 from tamp_modifier.pruning.modality import resolve_modality_token_ids
-from tamp_modifier.pruning.token_selection import attention_tokens, random_tokens, select_tokens
-from tamp_modifier.pruning.token_weighting import TOKEN_WEIGHTINGS, weighted_rows
+from tamp_modifier.pruning.selection_accumulator import (
+    TOKEN_SELECTIONS,
+    SelectionAccumulator,
+    TokenChoice,
+    last_query_attention,
+    random_selection_seed,
+)
+from tamp_modifier.pruning.token_weighting import TOKEN_WEIGHTINGS
 from tamp_modifier.pruning.wanda_rule import parse_mask_structure
-from tamp_modifier.report.sections import attach_section
-from tamp_modifier.validation import one_of
+from tamp_modifier.report.sections import amia_layer_row, amia_section, attach_section
+from tamp_modifier.validation import as_list, at_least, in_range, one_of
 
-__all__ = ["AdaptiveInputActivation"]
-
-TOKEN_SELECTIONS = ("amia", "attention", "random", "all")
+__all__ = ["AdaptiveInputActivation", "check_every_target_pruned"]
 
 
 class AdaptiveInputActivation(SparsityModifierBase):
@@ -61,13 +65,25 @@ class AdaptiveInputActivation(SparsityModifierBase):
 
     Lifecycle:
 
-    - on_initialize: the modality token ids, the token labels
-    - on_calibration_start: hooks on every pruned Linear and on each block's attention
-    - calibrate_module (per sample): pick the tokens, add their rows to the
-      module's statistic (``layer_statistics``)
-    - on_sequential_batch_end -> compress_modules: sum over ranks, prune each
-      module at its ratio, write the weight
-    - on_finalize: the report, the pattern check
+    - on_initialize
+        - confine_to_text_decoder (``scope: text_decoder``)
+        - the modality token ids, the token labels, the statistic (``layer_statistics``)
+    - on_calibration_start
+        - register_hook(module, calibrate_module, "forward") on every pruned Linear
+        - the token labels' hooks (input embeddings, decoder blocks); a hook on each
+          block's ``self_attn`` for its attention (``amia``, ``attention``)
+    - calibrate_module (per batch)
+        - held until its block's attention for this batch arrives (q/k/v run first)
+        - SelectionAccumulator.update: per sample, choose the tokens, hand their
+          weighted rows to the statistic, count them per modality
+    - on_sequential_epoch_end -> compress_modules
+        - sum the statistics and counts over ranks
+        - results_from_owners: each module's mask (or SparseGPT weight), made by
+          its owner rank and broadcast; write the weight; one report row per module
+    - on_finalize
+        - remove_hooks()
+        - attach the ``"amia"`` report section (``amia_section``), check_pattern_kept
+        - check_every_target_pruned
 
     Sample yaml (``import tamp_modifier`` first, or use ``tamp-prune``)::
 
@@ -123,10 +139,11 @@ class AdaptiveInputActivation(SparsityModifierBase):
     _attention: dict[str, tuple[int, torch.Tensor]] = PrivateAttr(default_factory=dict)
     _pending: dict[str, list] = PrivateAttr(default_factory=dict)
     _statistic: ChannelNorms | TokenHessians | None = PrivateAttr(default=None)
-    _selected: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _seen: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _choice: TokenChoice | None = PrivateAttr(default=None)
+    # Modules calibrated and not yet pruned, in the order they first calibrated.
+    _accumulators: dict[torch.nn.Module, SelectionAccumulator] = PrivateAttr(default_factory=dict)
     _checked_ranks: bool = PrivateAttr(default=False)
-    _layers_report: dict[str, dict] = PrivateAttr(default_factory=dict)
+    _layer_rows: dict[str, dict] = PrivateAttr(default_factory=dict)
     _seconds: dict[str, float] = PrivateAttr(default_factory=lambda: {"selection": 0.0, "statistics": 0.0,
                                                                           "pruning": 0.0})
 
@@ -146,7 +163,8 @@ class AdaptiveInputActivation(SparsityModifierBase):
     @field_validator("targets", mode="before")
     @classmethod
     def _listify(cls, value):
-        return [value] if isinstance(value, str) else value  # a bare "Linear" prunes nothing
+        # A bare "Linear" prunes nothing; anything but a string or a sequence is pydantic's to refuse.
+        return as_list(value) if isinstance(value, (str, list, tuple)) else value
 
     @model_validator(mode="after")
     def _check_fields(self) -> "AdaptiveInputActivation":
@@ -155,19 +173,17 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 "AdaptiveInputActivation takes per-layer ratios from DiversityAwareSparsity "
                 "placed before it; sparsity_profile is not supported"
             )
-        if isinstance(self.sparsity, float) and not 0 <= self.sparsity < 1:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for name in ("knn", "random_tokens"):
-            if getattr(self, name) < (0 if name == "knn" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.mmd_scale <= 0:
+        if isinstance(self.sparsity, float):  # a list is per layer, None is DAS's
+            in_range("sparsity", self.sparsity, 0, 1)
+        at_least("knn", self.knn, 0)
+        at_least("random_tokens", self.random_tokens, 1)
+        if self.mmd_scale <= 0:  # validation has no strict lower bound
             raise ValueError(f"mmd_scale must be > 0, got {self.mmd_scale}")
-        if self.selected_weight < 1:
-            raise ValueError(f"selected_weight must be >= 1 (the selected tokens' weight against 1 "
-                             f"for the others), got {self.selected_weight}")
-        if self.block_size < 1 or not (self.dampening_frac or 0) >= 0:
-            raise ValueError("block_size must be >= 1 and dampening_frac >= 0, got "
-                             f"{self.block_size} and {self.dampening_frac}")
+        at_least("selected_weight", self.selected_weight, 1,
+                 why="the selected tokens' weight against 1 for the others")
+        at_least("block_size", self.block_size, 1)
+        # in_range, not at_least: NaN is refused too (at_least's `value < minimum` lets it by)
+        in_range("dampening_frac", self.dampening_frac or 0, 0, float("inf"), high_inclusive=True)
         return self
 
     def set_layer_sparsity(self, ratios: dict[str, float]) -> None:
@@ -214,6 +230,9 @@ class AdaptiveInputActivation(SparsityModifierBase):
         self._modalities = ["text", *token_ids]
         self._statistic = (TokenHessians(self.block_size, self.dampening_frac or 0.0)
                            if self.reconstruction == "sparsegpt" else ChannelNorms())
+        self._choice = TokenChoice(self.token_selection, knn=self.knn, gamma=self.gamma,
+                                   penalty_gamma=self.penalty_gamma, mmd_scale=self.mmd_scale,
+                                   random_tokens=self.random_tokens)
         warn_pattern_breaking_steps(self)
         return True
 
@@ -248,9 +267,13 @@ class AdaptiveInputActivation(SparsityModifierBase):
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
         self.remove_hooks()
-        self._report(state.model)
+        self._attach_section(state.model)
         check_pattern_kept(self, state.model)
         self._labels = None
+        check_every_target_pruned(
+            targets=[name.rstrip(".") for name in self._module_names.values()], pruned=self._layer_rows,
+            calibrated=[self._module_names[m].rstrip(".") for m in self._accumulators],
+        )
         return result
 
     def _blocks(self, model: torch.nn.Module) -> list[str]:
@@ -270,11 +293,7 @@ class AdaptiveInputActivation(SparsityModifierBase):
                 )
             batch = active_session().state.current_batch_idx
             labels = self._labels.current(weights.shape[:1] + weights.shape[-1:])
-            # The last real token's query row, averaged over heads.
-            positions = torch.arange(labels.shape[1]).expand_as(labels)
-            last = torch.where(labels >= 0, positions, -1).amax(1).to(weights.device)
-            rows = weights[torch.arange(weights.shape[0], device=weights.device), :, last]
-            self._attention[block] = (batch, rows.float().mean(1).detach())
+            self._attention[block] = (batch, last_query_attention(weights, labels))
             for args in self._pending.pop(block, []):
                 self._accumulate(*args)
 
@@ -293,116 +312,83 @@ class AdaptiveInputActivation(SparsityModifierBase):
         self._accumulate(module, inputs, outputs)
 
     def _accumulate(self, module, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
-        if inputs.dim() == 2:
-            inputs, outputs = inputs.unsqueeze(0), outputs.unsqueeze(0)
-        labels = self._labels.current(inputs.shape[:-1]).to(inputs.device)
+        labels = self._labels.current(inputs.shape[:-1])
         attention = self._attention[self._block_of[module]][1] if self._needs_attention else None
-        if module not in self._selected:
-            self._selected[module] = torch.zeros(len(self._modalities), dtype=torch.long)
-            self._seen[module] = torch.zeros(len(self._modalities), dtype=torch.long)
-        start, statistics_before = time.perf_counter(), self._seconds["statistics"]
-        m = len(self._modalities)
-        for b in range(inputs.shape[0]):
-            real = (labels[b] >= 0).nonzero().flatten()
-            padded = len(real) < labels.shape[1]  # else skip copying the real tokens out
-            out, lab = (outputs[b, real], labels[b, real]) if padded else (outputs[b], labels[b])
-            chosen = self._choose(module, out, attention, lab, b, real)
-            x = inputs[b, real] if padded else inputs[b]
-            rows = weighted_rows(x, chosen, self.token_weighting, self.selected_weight)
-            token_weight = (len(chosen) if self.token_weighting == "selected"  # sum_t w_t
-                            else len(real) + (self.selected_weight - 1) * len(chosen))
+        seeds = None
+        if self.token_selection == "random":
+            name, samples = self._module_names[module], 1 if inputs.dim() == 2 else inputs.shape[0]
+            seeds = [random_selection_seed(self.seed, name, self._labels.fingerprint(b))
+                     for b in range(samples)]
+        if module not in self._accumulators:
+            self._accumulators[module] = self._new_accumulator()
+        start, on_statistics = time.perf_counter(), 0.0
+
+        def add_rows(rows: torch.Tensor, token_weight: float) -> None:
+            nonlocal on_statistics
             picked = time.perf_counter()
             self._statistic.add(module, rows, token_weight)
-            self._seconds["statistics"] += time.perf_counter() - picked
-            if padded:
-                chosen = real[chosen]
-            self._selected[module] += torch.bincount(labels[b, chosen].long().cpu(), minlength=m)[:m]
-            self._seen[module] += torch.bincount(lab.long().cpu(), minlength=m)[:m]
-        spent_on_statistics = self._seconds["statistics"] - statistics_before
-        self._seconds["selection"] += time.perf_counter() - start - spent_on_statistics
+            on_statistics += time.perf_counter() - picked
 
-    def _choose(self, module, outputs, attention, labels, b, real) -> torch.Tensor:
-        n = outputs.shape[0]
-        if self.token_selection == "all":
-            return torch.arange(n, device=outputs.device)
-        if self.token_selection == "random":
-            # Same seed, sample and layer: same tokens, in any process and data order.
-            layer = zlib.crc32(self._module_names[module].encode())
-            seed = (self.seed * 1_000_003 + self._labels.fingerprint(b) * 7_919 + layer) % 2**63
-            generator = torch.Generator().manual_seed(seed)
-            return random_tokens(n, self.random_tokens, generator).to(outputs.device)
-        a = attention[b, real]
-        if self.token_selection == "attention":
-            return attention_tokens(a)
-        return select_tokens(
-            outputs, a, labels, knn=self.knn, gamma=self.gamma, penalty_gamma=self.penalty_gamma,
-            mmd_scale=self.mmd_scale,
-        )
+        self._accumulators[module].update(inputs, outputs, labels, attention, add_rows, seeds)
+        self._seconds["statistics"] += on_statistics
+        self._seconds["selection"] += time.perf_counter() - start - on_statistics
+
+    def _new_accumulator(self) -> SelectionAccumulator:
+        return SelectionAccumulator(len(self._modalities), self._choice, self.token_weighting,
+                                    self.selected_weight)
 
     # ------------------------------------------------------------------ pruning
 
     def compress_modules(self):
         start = time.perf_counter()
         modules = self._calibrated_modules()
-        # Under torchrun each mask is computed once, by the rank that owns its
-        # module (GPTQ's bin packing by size), all ranks at once, then broadcast.
-        # In one process a mask is made just before use: one mask in memory.
+        # Under torchrun each result is computed once, by the rank that owns its
+        # module (GPTQ's bin packing by size), then broadcast (results_from_owners).
         owner = assign_to_ranks(modules, [m.weight.numel() for m in modules])
         self._reduce_across_ranks(modules, owner)
-        results = ({m: self._result(m) for m in modules if owner[m] == rank()} if is_distributed() else {})
-        for module in modules:
-            name = self._module_names[module].rstrip(".")
-            sparsity = self._sparsity(module)
-            with torch.no_grad(), align_module_device(module):
-                result = results.pop(module) if module in results else None
-                if result is None and owner[module] == rank():
-                    result = self._result(module)
-                result = broadcast_tensor(result, module.weight.shape, self._statistic.result_dtype(module),
-                                          src=owner[module], device=module.weight.device)
-                self._write(module, result, owner[module])
-            kept = self._statistic.drop(module)
-            if is_distributed() and isinstance(self._statistic, TokenHessians):
-                kept = broadcast_object(kept, src=owner[module])  # the owner's loss, in every rank's report
-            selected, seen = self._selected.pop(module).tolist(), self._seen.pop(module).tolist()
-            self._layers_report[name] = {
-                "sparsity": None if self._prune_n else float(sparsity),
-                "mask_structure": self.mask_structure,
-                "selected": dict(zip(self._modalities, selected)),
-                "tokens": dict(zip(self._modalities, seen)),
-                "share": sum(selected) / max(sum(seen), 1),
-                **kept,
-            }
+        results = results_from_owners(modules, owner, self._result, self._statistic.result_dtype)
+        for module, result in results:
+            self._write(module, result, owner[module])
+            self._layer_rows[self._module_names[module].rstrip(".")] = self._layer_row(module, owner[module])
         barrier()  # owners' writes to offload shared between ranks land before anyone reads it
         self._seconds["pruning"] += time.perf_counter() - start
 
     def _calibrated_modules(self) -> list[torch.nn.Module]:
         """The modules this subgraph calibrated; in distributed runs, on any rank, in one order."""
         if not is_distributed():
-            return list(self._selected)
+            return list(self._accumulators)
         by_name = {name: module for module, name in self._module_names.items()}
-        names = union_across_ranks([self._module_names[m] for m in self._selected])
+        names = union_across_ranks([self._module_names[m] for m in self._accumulators])
         return [by_name[n] for n in names]
 
     def _reduce_across_ranks(self, modules: list[torch.nn.Module], owner: dict) -> None:
         """Sum each module's statistic (onto its owner, or everywhere) and token counts over the ranks."""
         if not is_distributed():
             return
-        m = len(self._modalities)
         for module in modules:  # a rank may have had no sample reach a module
-            if module not in self._selected:
+            if module not in self._accumulators:
                 self._statistic.empty(module)
-                self._selected[module] = torch.zeros(m, dtype=torch.long)
-                self._seen[module] = torch.zeros(m, dtype=torch.long)
+                self._accumulators[module] = self._new_accumulator()
         self._statistic.reduce_across_ranks(modules, owner)
-        counts = [d[module] for d in (self._selected, self._seen) for module in modules]
-        reduced = iter(sum_across_ranks(counts))
-        for d in (self._selected, self._seen):
-            for module in modules:
-                d[module] = next(reduced)
+        accumulators = [self._accumulators[module] for module in modules]
+        reduced = iter(sum_across_ranks([a.selected for a in accumulators] + [a.seen for a in accumulators]))
+        for a in accumulators:
+            a.selected = next(reduced)
+        for a in accumulators:
+            a.seen = next(reduced)
 
     def _result(self, module: torch.nn.Module) -> torch.Tensor:
         """What the owner rank computes: Wanda's mask, or SparseGPT's new weight."""
         return self._statistic.result(module, self._sparsity(module), self._prune_n, self._prune_m)
+
+    def _layer_row(self, module: torch.nn.Module, owner: int) -> dict:
+        """The module's report row; frees its statistic and counts."""
+        kept = self._statistic.drop(module)
+        if is_distributed() and isinstance(self._statistic, TokenHessians):
+            kept = broadcast_object(kept, src=owner)  # the owner's loss, in every rank's report
+        counts = self._accumulators.pop(module)
+        return amia_layer_row(None if self._prune_n else self._sparsity(module), self.mask_structure,
+                              self._modalities, counts.selected.tolist(), counts.seen.tolist(), kept)
 
     def _sparsity(self, module: torch.nn.Module) -> float:
         """The module's ratio: DAS's when a DAS ran before, else this modifier's."""
@@ -431,34 +417,56 @@ class AdaptiveInputActivation(SparsityModifierBase):
             self._labels.check_ranks_distinct()
         super().on_sequential_epoch_end(state, event, **kwargs)
 
-    def _report(self, model: torch.nn.Module) -> None:
-        if not self._layers_report:
+    def _attach_section(self, model: torch.nn.Module) -> None:
+        """AMIA's report section on the model (saved with it), and its summary in the log."""
+        if not self._layer_rows:
             return
-        totals = {m: [0, 0] for m in self._modalities}
-        for layer in self._layers_report.values():
-            for m in self._modalities:
-                totals[m][0] += layer["selected"][m]
-                totals[m][1] += layer["tokens"][m]
-        share = {m: (s / t if t else None) for m, (s, t) in totals.items()}
-        attach_section(model, "amia", {
-            "method": "AdaptiveInputActivation",
-            "token_selection": self.token_selection,
-            "reconstruction": self.reconstruction,
-            "token_weighting": self.token_weighting,
-            "mask_structure": self.mask_structure,
-            "settings": {"knn": self.knn, "gamma": self.gamma, "penalty_gamma": self.penalty_gamma,
-                         "mmd_scale": self.mmd_scale, "random_tokens": self.random_tokens, "seed": self.seed,
-                         "selected_weight": self.selected_weight, "block_size": self.block_size,
-                         "dampening_frac": self.dampening_frac},
-            "from_das": bool(self._layer_sparsity),
-            "ranks": world_size(),
-            "selected_share": share,
-            "seconds": dict(self._seconds),
-            "layers": self._layers_report,
-        })
+        section = amia_section(
+            self._layer_rows, self._modalities, token_selection=self.token_selection,
+            reconstruction=self.reconstruction, token_weighting=self.token_weighting,
+            mask_structure=self.mask_structure,
+            settings={"knn": self.knn, "gamma": self.gamma, "penalty_gamma": self.penalty_gamma,
+                      "mmd_scale": self.mmd_scale, "random_tokens": self.random_tokens, "seed": self.seed,
+                      "selected_weight": self.selected_weight, "block_size": self.block_size,
+                      "dampening_frac": self.dampening_frac},
+            from_das=bool(self._layer_sparsity), ranks=world_size(), seconds=self._seconds,
+        )
+        attach_section(model, "amia", section)
         install_save_hook(model)
-        text = ", ".join(f"{m} {s:.1%}" for m, s in share.items() if s is not None)
+        text = ", ".join(f"{m} {s:.1%}" for m, s in section["selected_share"].items() if s is not None)
         logger.info(f"AdaptiveInputActivation ({self.token_selection}, {self.reconstruction}): share of "
                     f"tokens selected: {text}; "
                     f"selection {self._seconds['selection']:.1f} s, statistics "
                     f"{self._seconds['statistics']:.1f} s, pruning {self._seconds['pruning']:.1f} s")
+
+
+def check_every_target_pruned(targets: Iterable[str], pruned: Iterable[str],
+                              calibrated: Iterable[str]) -> None:
+    """Raise if a target Linear was left dense at the end of the run.
+
+    :param targets: every Linear AMIA was to prune
+    :param pruned: those it pruned (the report's rows)
+    :param calibrated: those that calibrated and were not pruned since (statistics still held)
+    """
+    pruned = set(pruned)
+    unpruned = [name for name in targets if name not in pruned]
+    if not unpruned:
+        return
+    stranded = set(calibrated)
+
+    def few(names: list[str]) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+    calibrated_only = [name for name in unpruned if name in stranded]
+    if calibrated_only:
+        raise RuntimeError(
+            f"AdaptiveInputActivation calibrated {len(calibrated_only)} target Linears but never pruned them "
+            f"({few(calibrated_only)}): their subgraph's calibration never ended (no sequential epoch end "
+            "reached compress_modules); run them through llm-compressor's sequential or basic pipeline"
+        )
+    raise RuntimeError(
+        f"AdaptiveInputActivation left {len(unpruned)} target Linears dense ({few(unpruned)}): no "
+        "calibration sample reached them (a branch the forward pass never took, e.g. an MoE expert no "
+        "token was routed to); calibrate with samples that reach them, or add them to ignore"
+    )

@@ -26,12 +26,13 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from compressed_tensors.distributed import greedy_bin_packing
 from compressed_tensors.distributed import is_distributed as _ct_is_distributed
+from compressed_tensors.utils import align_module_device
 
 __all__ = [
     "any_rank",
@@ -46,6 +47,7 @@ __all__ = [
     "rank",
     "rank_share",
     "reduce_to_rank",
+    "results_from_owners",
     "share_bounds",
     "shares_offload",
     "sum_across_ranks",
@@ -212,6 +214,37 @@ def assign_to_ranks(items: Sequence, weights: Sequence[float]) -> dict:
     weight_of = dict(zip(items, weights))
     _, _, owner = greedy_bin_packing(list(items), dist.get_world_size(), lambda item: weight_of[item])
     return owner
+
+
+def results_from_owners(modules: Sequence[torch.nn.Module], owner: dict,
+                        compute: Callable[[torch.nn.Module], torch.Tensor],
+                        result_dtype: Callable[[torch.nn.Module], torch.dtype],
+                        ) -> Iterator[tuple[torch.nn.Module, torch.Tensor]]:
+    """``(module, compute(module))`` for each module in turn, on every rank; computed once, by its owner.
+
+    ``compute`` gives a tensor shaped like the module's weight (a mask, a new
+    weight), of dtype ``result_dtype(module)``; ``owner`` is ``assign_to_ranks``'s.
+    Under torchrun every rank first computes the modules it owns (the ranks work
+    at once), then each result is broadcast from its owner, in the order of
+    ``modules``: every rank must iterate to the end, in step. In one process a
+    result is computed just before it is yielded, so one is in memory at a time.
+
+    Each pair is yielded inside ``torch.no_grad()`` and ``align_module_device``:
+    the weight is onloaded while the caller writes it.
+
+    Example::
+
+        >>> for module, mask in results_from_owners(modules, owner, wanda_mask, lambda m: torch.bool):
+        ...     module.weight.data.masked_fill_(mask, 0)
+    """
+    owned = {m: compute(m) for m in modules if owner[m] == rank()} if is_distributed() else {}
+    for module in modules:
+        with torch.no_grad(), align_module_device(module):
+            result = owned.pop(module) if module in owned else None
+            if result is None and owner[module] == rank():
+                result = compute(module)
+            yield module, broadcast_tensor(result, module.weight.shape, result_dtype(module),
+                                           src=owner[module], device=module.weight.device)
 
 
 def share_bounds(num_samples: int, rank_: int, world: int) -> tuple[int, int]:

@@ -78,3 +78,49 @@ def expected_pattern(report: dict) -> dict[str, dict]:
     if das and das.get("pruner") and das.get("layers"):
         return {n: {"sparsity": v["assigned"], "mask_structure": "0:0"} for n, v in das["layers"].items()}
     return {}
+
+
+def amia_layer_row(sparsity: float | None, mask_structure: str, modalities: list[str], selected: list[int],
+                   seen: list[int], statistic: dict) -> dict:
+    """One pruned Linear's row of AMIA's section.
+
+    :param sparsity: the ratio it was pruned at; None for N:M (the pattern fixes it)
+    :param selected, seen: tokens selected and seen, per modality (in ``modalities``' order)
+    :param statistic: what the statistic keeps for the report (SparseGPT's samples and loss)
+    """
+    return {
+        "sparsity": None if sparsity is None else float(sparsity),
+        "mask_structure": mask_structure,
+        "selected": dict(zip(modalities, selected)),
+        "tokens": dict(zip(modalities, seen)),
+        "share": sum(selected) / max(sum(seen), 1),
+        **statistic,
+    }
+
+
+def amia_section(layers: dict[str, dict], modalities: list[str], *, token_selection: str, reconstruction: str,
+                 token_weighting: str, mask_structure: str, settings: dict, from_das: bool, ranks: int,
+                 seconds: dict[str, float]) -> dict:
+    """AMIA's section (``"amia"``): its choices and settings, and its rows (``amia_layer_row``).
+
+    ``selected_share`` is, per modality, the share of all its tokens (over every
+    layer) that were selected; None for a modality no layer saw.
+    """
+    totals = {m: [0, 0] for m in modalities}
+    for layer in layers.values():
+        for m in modalities:
+            totals[m][0] += layer["selected"][m]
+            totals[m][1] += layer["tokens"][m]
+    return {
+        "method": "AdaptiveInputActivation",
+        "token_selection": token_selection,
+        "reconstruction": reconstruction,
+        "token_weighting": token_weighting,
+        "mask_structure": mask_structure,
+        "settings": settings,
+        "from_das": from_das,
+        "ranks": ranks,
+        "selected_share": {m: (s / t if t else None) for m, (s, t) in totals.items()},
+        "seconds": dict(seconds),
+        "layers": layers,
+    }
