@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attach_section", "attached_report", "expected_pattern"]
+__all__ = [
+    "amia_layer_row", "amia_section", "attach_section", "attached_report", "das_section", "expected_pattern",
+]
 
 # The model's __dict__, not an attribute: nn.Module.__setattr__ would not take a dict
 # quietly, and this way the sections never reach the state dict.
