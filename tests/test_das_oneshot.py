@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import (
     RECIPES,
     assert_reloads_equal,
@@ -20,6 +21,7 @@ from transformers import AutoModelForImageTextToText
 import tamp_modifier
 from tamp_modifier import allocate_sparsity, load_report, reallocate
 from tamp_modifier.testing.synthetic import make_calibration_dataset
+from tamp_modifier.text_decoder import TOWER_IGNORE
 
 FAMILIES = ["llava", "qwen2_vl", "llava_next", "qwen2_5_vl"]
 
@@ -83,6 +85,27 @@ def test_saved_recipe_reruns_in_a_fresh_process_with_tamp_prune(tiny, tmp_path):
     again = AutoModelForImageTextToText.from_pretrained(second)
     for key, value in again.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_a_pruner_without_sparsity_takes_das_target_and_saves_as_written(tiny, tmp_path):
+    # WandaPruningModifier(sparsity=None) in a Python recipe: DAS's target is used. The saved
+    # recipe leaves the field out as written, not DAS's per-layer list (llm-compressor's own YAML
+    # requires Wanda's sparsity, so giving it there is the way to a recipe that re-runs).
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    from tamp_modifier import DiversityAwareSparsity
+
+    model, tokenizer, _ = tiny("llava")
+    data = make_calibration_dataset(model, 4, seed=2)
+    recipe = [DiversityAwareSparsity(sparsity=0.5),
+              WandaPruningModifier(sparsity=None, targets=["Linear"], ignore=TOWER_IGNORE)]
+    run_oneshot(model, tokenizer, data, recipe, output_dir=tmp_path / "first")
+    layers = load_report(tmp_path / "first")["das"]["layers"]
+    for name, module in language_linears(model).items():
+        assert zero_fraction(module) == pytest.approx(layers[name]["assigned"], abs=1e-9), name
+    (stage,) = yaml.safe_load((tmp_path / "first" / "recipe.yaml").read_text()).values()
+    (modifiers,) = stage.values()
+    assert modifiers["WandaPruningModifier"].get("sparsity") is None
 
 
 def test_sparsegpt_follows_das_ratios(tiny, tmp_path):

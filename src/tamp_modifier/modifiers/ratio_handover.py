@@ -151,7 +151,9 @@ class SparsityListPruner:
         for target_name, _layer in match_named_modules(model, step.targets):
             modules = by_target.get(target_name, [])
             if not modules:
-                values.append(float(step.sparsity))  # nothing pruned here: unused
+                # Nothing pruned here, so the pruner never reads it: its own value, or 0 when the
+                # recipe left the target to DAS.
+                values.append(float(step.sparsity) if step.sparsity is not None else 0.0)
                 continue
             if len(modules) == 1:
                 ratio = assigned[modules[0]]
@@ -173,11 +175,9 @@ class SparsityListPruner:
         return given
 
     def restore(self) -> None:
-        # The saved recipe.yaml should read as written, one global sparsity, so
-        # that re-running it reproduces this run. A pruner written without one
-        # keeps the list (as before the contract existed).
-        if self._written is not None:
-            self._step.sparsity = self._written
+        # The saved recipe.yaml should read as written (one global sparsity, or
+        # none when DAS gave the target), so that re-running it reproduces this run.
+        self._step.sparsity = self._written
 
 
 def as_layer_ratio_pruner(step: Modifier) -> LayerRatioPruner | None:
