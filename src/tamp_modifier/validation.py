@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["as_list", "at_least", "in_range", "one_of"]
+__all__ = ["above", "as_list", "at_least", "in_range", "one_of"]
 
 
 def one_of(field: str, value, choices: Sequence):
@@ -21,8 +21,11 @@ def one_of(field: str, value, choices: Sequence):
 
 def in_range(field: str, value, low: float, high: float, *, high_inclusive: bool = False, why: str = ""):
     """``value`` if it is a number in ``[low, high)`` (``[low, high]`` with ``high_inclusive``)."""
-    inside = value <= high if high_inclusive else value < high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value and inside):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        inside = False
+    else:  # written so that NaN is outside
+        inside = low <= value and (value <= high if high_inclusive else value < high)
+    if not inside:
         bracket = "]" if high_inclusive else ")"
         because = f": {why}" if why else ""
         raise ValueError(f"{field} must be in [{low:g}, {high:g}{bracket}, got {value!r}{because}")
@@ -31,8 +34,15 @@ def in_range(field: str, value, low: float, high: float, *, high_inclusive: bool
 
 def at_least(field: str, value, minimum: float, *, why: str = ""):
     """``value`` if it is a number >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:  # NaN too
         raise ValueError(f"{field} must be >= {minimum:g}, got {value!r}" + (f" ({why})" if why else ""))
+    return value
+
+
+def above(field: str, value, bound: float):
+    """``value`` if it is a number > ``bound`` (a strict lower bound: a scale, a temperature)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > bound:
+        raise ValueError(f"{field} must be > {bound:g}, got {value!r}")
     return value
 
 

@@ -42,7 +42,7 @@ from tamp_modifier.pruning.selection_accumulator import (
 from tamp_modifier.pruning.token_weighting import TOKEN_WEIGHTINGS
 from tamp_modifier.pruning.wanda_rule import parse_mask_structure
 from tamp_modifier.report.sections import amia_layer_row, amia_section, attach_section
-from tamp_modifier.validation import as_list, at_least, in_range, one_of
+from tamp_modifier.validation import above, as_list, at_least, in_range, one_of
 
 __all__ = ["AdaptiveInputActivation", "check_every_target_pruned"]
 
@@ -177,13 +177,11 @@ class AdaptiveInputActivation(SparsityModifierBase):
             in_range("sparsity", self.sparsity, 0, 1)
         at_least("knn", self.knn, 0)
         at_least("random_tokens", self.random_tokens, 1)
-        if self.mmd_scale <= 0:  # validation has no strict lower bound
-            raise ValueError(f"mmd_scale must be > 0, got {self.mmd_scale}")
+        above("mmd_scale", self.mmd_scale, 0)
         at_least("selected_weight", self.selected_weight, 1,
                  why="the selected tokens' weight against 1 for the others")
         at_least("block_size", self.block_size, 1)
-        # in_range, not at_least: NaN is refused too (at_least's `value < minimum` lets it by)
-        in_range("dampening_frac", self.dampening_frac or 0, 0, float("inf"), high_inclusive=True)
+        at_least("dampening_frac", self.dampening_frac or 0, 0)
         return self
 
     def set_layer_sparsity(self, ratios: dict[str, float]) -> None:
