@@ -265,6 +265,28 @@ def test_sdpa_scores_equal_eager_scores():
     assert kept[0] == kept[1]
 
 
+@pytest.mark.parametrize("num_layers, layer", [(3, 1), (4, 2)])
+def test_sdpa_prunes_one_unpadded_prompt_as_eager_does(num_layers, layer):
+    # One prompt without padding: transformers gives the sdpa kernel no mask (its own causal one).
+    # The layers after the cut must still get a mask of their own length, made once per forward:
+    # made again at the second pruned layer it counted the first one's new cache entries twice.
+    outputs = []
+    for attn in ("eager", "sdpa"):
+        model = build_tiny_model("llava", num_layers=num_layers, vision_layers=2, seed=1,
+                                 attn_implementation=attn)
+        batch = batch_of(model, n=1, seed=3)
+        pruner = enable_token_pruning(model, layer=layer, stage2_keep_ratio=0.5, stage2_min_tokens=0)
+        with torch.no_grad():
+            generated = model.generate(**batch, max_new_tokens=3, do_sample=False, output_scores=True,
+                                       return_dict_in_generate=True)
+        disable_token_pruning(model)
+        assert pruner.last[0].stage2_tokens < pruner.last[0].stage1_tokens  # stage 2 did cut
+        outputs.append(generated)
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    for eager, sdpa in zip(outputs[0].scores, outputs[1].scores):
+        torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_refusals():
     smolvlm = build_tiny_model("smolvlm")  # a SigLIP tower and a pixel-shuffle connector: not mapped
     with pytest.raises(ValueError, match="SmolVLMForConditionalGeneration is none of them"):

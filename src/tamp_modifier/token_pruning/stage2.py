@@ -174,6 +174,10 @@ class Stage2:
     def _pruned_layer_pre(self, module, args, kwargs):
         """Before each later layer: the survivors' RoPE tables and position ids, and their mask."""
         state = self.state
+        # The mask is made once per forward, before the first pruned layer has written its cache:
+        # made again later, it would count that layer's new entries twice. transformers may also
+        # return None (no padding, the kernel's own causal mask), which must not read as "not yet".
+        first = module is self._layers[self.options.layer]
         if state.phase is Phase.PREFILL and state.prefill.index2 is not None:
             prefill = state.prefill
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -182,7 +186,7 @@ class Stage2:
             out = dict(kwargs, position_embeddings=rope)
             if kwargs.get("position_ids") is not None:
                 out["position_ids"] = gather_tokens(kwargs["position_ids"], prefill.index2)
-            if prefill.pruned_mask is None:
+            if first:
                 prefill.pruned_mask = pruned_layers_mask(self._lm.config, hidden, prefill.valid2.long(),
                                                          kwargs, out.get("position_ids"), self.options.layer)
             out["attention_mask"] = prefill.pruned_mask
@@ -190,7 +194,7 @@ class Stage2:
         if state.phase is Phase.DECODE and state.step.pruned_mask2d is not None:
             step = state.step
             hidden = args[0] if args else kwargs["hidden_states"]
-            if step.pruned_mask is None:
+            if first:
                 step.pruned_mask = pruned_layers_mask(self._lm.config, hidden, step.pruned_mask2d, kwargs,
                                                       kwargs.get("position_ids"), self.options.layer)
             return args, dict(kwargs, attention_mask=step.pruned_mask)
