@@ -98,8 +98,8 @@ def build_demo_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
     return LlavaProcessor(
-        image_processor=images, tokenizer=tokenizer, patch_size=CELL, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        image_processor=images, tokenizer=tokenizer, patch_size=CELL,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -112,14 +112,18 @@ def save_demo_processor(tokenizer: PreTrainedTokenizerFast, path: str | os.PathL
     processor.image_processor.save_pretrained(path)
 
 
-def build_demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
-    """The untrained demo model (eager attention, float32), seeded."""
+def build_demo_model(
+    seed: int = 0, *, text_layers: int = 6, text_intermediate: int = 384
+) -> LlavaForConditionalGeneration:
+    """The untrained demo model (eager attention, float32), seeded; ``text_layers`` and
+    ``text_intermediate`` size the language model (its depth, its MLP width)."""
     vision = CLIPVisionConfig(
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=128,
     )
     text = LlamaConfig(
-        hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+        hidden_size=128, intermediate_size=text_intermediate, num_hidden_layers=text_layers,
+        num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=256,
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
     )
